@@ -12,10 +12,17 @@ levels use, e.g. `layers/0/mlp/w_up/kernel`; optimizer-state leaves end with the
 their parameter, so one rule covers both) → a `PartitionSpec`. A matrix no rule names is
 sharded over `fsdp` on its largest divisible dimension rather than silently replicated;
 a dimension that an axis does not divide stays whole on that axis.
+
+Inside the jitted step, the models mark their batch-major arrays — activations and the
+in-context state (memories, fast weights and their inner optimizer states, caches) — with
+`nested.layers.place`; `STATE_RULES` below say where those live (batch over data × fsdp),
+applied as sharding constraints by `with_rules`. Without it (one device, tests) the marks
+are no-ops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Sequence
@@ -25,6 +32,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from nested import layers
 from nested.errors import UserError
 from nested.levels import param_path
 
@@ -39,6 +47,17 @@ RULES: tuple[tuple[str, tuple], ...] = (
     (r"/wo/kernel$", ("tensor", "fsdp")),                   # [heads·hd, d]
     (r"/w_(gate|up)/kernel$", ("fsdp", "tensor")),          # [d, d_ff]: hidden split
     (r"/w_down/kernel$", ("tensor", "fsdp")),               # [d_ff, d]
+)
+
+# Batch-major arrays marked by `nested.layers.place`, by their path inside the marked tree
+# (e.g. `mixers/0/k` of HOPE's state; '' for a lone activation). First match wins; a path
+# no rule names has its leading (batch) axis over data × fsdp and the rest whole. Heads go
+# over `tensor` only where the projections that write them are split so (wk, wv above):
+# the memories' heads are read from the unsplit residual stream, and splitting them (or the
+# CMS fast weights' hidden units) measured more collectives, not fewer.
+STATE_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"slot_position$", ()),                                # [L]: one per cache, not per row
+    (r"mixers/\d+/[kv]$", (BATCH_AXES, None, "tensor", None)),  # KV cache [B, L, heads, hd]
 )
 
 
@@ -88,11 +107,15 @@ def check_divisible(batch_size: int, mesh: jax.sharding.Mesh, what: str) -> None
                     f"multiple of {n}.")
 
 
-def _fits(spec: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
+def _axis_size(axis: str | tuple[str, ...], mesh: jax.sharding.Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis))
+
+
+def _fits(spec: Sequence, shape: Sequence[int], mesh: jax.sharding.Mesh) -> P:
   """Drops the axes that do not divide their dimension (or are absent from `shape`)."""
   if len(spec) != len(shape):
     return P()
-  return P(*(axis if axis and dim % mesh.shape[axis] == 0 else None
+  return P(*(axis if axis and dim % _axis_size(axis, mesh) == 0 else None
              for axis, dim in zip(spec, shape)))
 
 
@@ -120,6 +143,34 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh,
   return jax.tree_util.tree_map_with_path(
       lambda kp, leaf: NamedSharding(mesh, spec_for(param_path(kp), np.shape(leaf), mesh, rules)),
       tree)
+
+
+def state_spec(path: str, shape: Sequence[int], mesh: jax.sharding.Mesh,
+               rules: Sequence[tuple[str, tuple]] = STATE_RULES) -> P:
+  """The PartitionSpec of a batch-major array (activation or in-context state) at `path`."""
+  for pattern, spec in rules:
+    if re.search(pattern, path):
+      return _fits(spec, shape, mesh)
+  return _fits((BATCH_AXES,) + (None,) * (len(shape) - 1), shape, mesh) if shape else P()
+
+
+def _constrain(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """`tree` under sharding constraints by `STATE_RULES` (inside a jitted function)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, state_spec(param_path(kp), np.shape(x), mesh))), tree)
+
+
+def with_rules(fn, mesh: jax.sharding.Mesh):
+  """`fn`, traced with the models' `place` marks bound to this mesh's `STATE_RULES`.
+
+  Wrap the function given to `jax.jit`, so that every trace of it sees the rules.
+  """
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with layers.placement(functools.partial(_constrain, mesh=mesh)):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def put_batch(batch: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:

@@ -58,7 +58,8 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
 def jit_train_step(exp: state_lib.Experiment):
   shardings = state_lib.state_shardings(exp)
   return jax.jit(
-      make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum),
+      mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum),
+                          exp.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(exp.mesh)),
       out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0)
 

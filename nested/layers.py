@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: RMSNorm, RoPE, causal attention, SwiGLU.
+"""Building blocks shared by every model: RMSNorm, RoPE, causal attention, SwiGLU, and
+`place`, the one hook through which a model meets the mesh's placement rules.
 
 Parameters are stored in float32; `dtype` is the compute dtype (bfloat16 on
 accelerators). Kernels are [in, out]: `y = x @ W`. None of the layers has a bias.
@@ -6,11 +7,41 @@ accelerators). Kernels are [in, out]: `y = x @ W`. None of the layers has a bias
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+# The placement rules of the function being traced (experiments/mesh.py), or None.
+_placement: contextvars.ContextVar[Callable[[Any], Any] | None] = contextvars.ContextVar(
+    "nested_placement", default=None)
+
+
+@contextlib.contextmanager
+def placement(rules: Callable[[Any], Any]) -> Iterator[None]:
+  """Within, `place(tree)` is `rules(tree)`.
+
+  Enter it inside the function that is jitted, never around the call: a jit cache entry
+  traced without it must not be reused with it, and vice versa.
+  """
+  token = _placement.set(rules)
+  try:
+    yield
+  finally:
+    _placement.reset(token)
+
+
+def place(tree: Any) -> Any:
+  """Hands `tree` — activations or in-context state, batch axis first — to the placement
+  rules of the enclosing `placement` (sharding constraints under a mesh); the identity
+  outside one, so a model traced without a mesh is unchanged."""
+  rules = _placement.get()
+  return tree if rules is None else rules(tree)
 
 
 def dense_init(stddev: float) -> nnx.Initializer:

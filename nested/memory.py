@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nested import layers
+
 Memory = dict  # {"w_in": [d, h], "w_out": [h, d]}
 
 
@@ -190,10 +192,13 @@ def titans_scan(state: TitansState, q, k, v, step, momentum_decay, forget, *, ch
 
   @jax.checkpoint
   def chunk_step(carry: TitansState, xs):
+    # The in-context state, pinned on both sides of the step so that its placement is the
+    # mesh's rule rather than whatever propagation finds.
+    carry = layers.place(carry)
     q, k, v, step, decay, forget = xs
     out = batched(mlp_memory)(carry.memory, q)
     memory, rule_state = batched(write)(carry.memory, carry.rule, k, v, step, decay, forget)
-    new = TitansState(memory, rule_state)
+    new = layers.place(TitansState(memory, rule_state))
     return (new if write_gradient else jax.lax.stop_gradient(new)), out
 
   xs = (chunks(q, chunk, 2), chunks(k, chunk, 2), chunks(v, chunk, 2), chunks(step, chunk, 2),

@@ -3,6 +3,7 @@ checkpoints that move between meshes; two processes over jax.distributed."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,12 +30,63 @@ def mesh_overrides(shape):
   return dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), shape))
 
 
-def run_steps(config, n):
+def train_steps(config, n):
   exp = state_lib.build(config)
   step, state = train.jit_train_step(exp), state_lib.init_state(exp)
   for s in range(n):
     state, _ = step(state, train.host_batch(exp, s))
+  return exp, step, state
+
+
+def run_steps(config, n):
+  exp, _, state = train_steps(config, n)
   return exp, state
+
+
+def compiled_text(exp, step, state):
+  """The per-device HLO of a train step that has run (its compilation is cached)."""
+  return step.lower(state, train.host_batch(exp, 0)).compile().as_text()
+
+
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_COLLECTIVE = re.compile(
+    r"= (.+?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_WHILE = re.compile(r"= \((.*)\) while\(")
+
+
+def whole_batch_arrays(hlo, instruction, rows):
+  """Float arrays of rank >= 2 that hold all `rows` sequences of the batch, among the results
+  of the `instruction`s of a per-device HLO module: under pure FSDP each device should hold
+  its own rows only."""
+  found = set()
+  for match in filter(None, map(instruction.search, hlo.splitlines())):
+    for dtype, dims in _ARRAY.findall(match.group(1)):
+      dims = [int(d) for d in dims.split(",") if d]
+      if dtype.startswith(("f", "bf")) and len(dims) >= 2 and dims[0] == rows:
+        found.add(f"{dtype}{dims}")
+  return sorted(found)
+
+
+def whole_batch_report(hlo, rows):
+  return {"collectives": whole_batch_arrays(hlo, _COLLECTIVE, rows),
+          "carry": whole_batch_arrays(hlo, _WHILE, rows),
+          "loops": len([line for line in hlo.splitlines() if _WHILE.search(line)])}
+
+
+def in_context_shards(config):
+  """path → [shape, per-device shard shape] of a fresh in-context state (HOPE or Titans),
+  from `init_state` jitted under the mesh's rules."""
+  from nested import models
+  from nested.levels import param_path
+  from nested.models import hope, titans
+  mesh = mesh_lib.make_mesh(config.mesh)
+  hparams = models.model_config(config.model)
+  module = titans if config.model.name == "titans" else hope
+  rows = config.train.batch_size
+  init = jax.jit(mesh_lib.with_rules(lambda p: module.init_state(hparams, p, rows), mesh))
+  state = init(models.init_params(config.model, 0))
+  return {param_path(kp): [list(x.shape), list(x.sharding.shard_shape(x.shape))]
+          for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 def spec_table(state):
@@ -52,22 +104,36 @@ def flat_params(state):
 _EIGHT_DEVICES = textwrap.dedent("""
     import json, sys, numpy as np, jax
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-    from test_sharding import (MESHES, HOPE_MESHES, EQUIVALENCE, mesh_overrides, run_steps,
-                               flat_params, spec_table)
+    from test_sharding import (MESHES, HOPE_MESHES, EQUIVALENCE, mesh_overrides, train_steps,
+                               flat_params, spec_table, compiled_text, whole_batch_report,
+                               in_context_shards)
     from conftest import forget_checkpoints_after, micro_config
     from experiments import state as state_lib, train
     assert jax.device_count() == 8, jax.devices()
-    specs = {{}}
+    specs, whole_batch, shards = {{}}, {{}}, {{}}
     for name, shape in MESHES.items():
-      exp, state = run_steps(micro_config({cache!r}, **EQUIVALENCE, **mesh_overrides(shape)), 3)
+      exp, step, state = train_steps(
+          micro_config({cache!r}, **EQUIVALENCE, **mesh_overrides(shape)), 3)
       np.savez({out!r} + f"/{{name}}.npz", *flat_params(state))
       specs[name] = spec_table(state)
+      if name == "fsdp8":
+        whole_batch["transformer"] = whole_batch_report(compiled_text(exp, step, state),
+                                                        exp.config.train.batch_size)
     for name in HOPE_MESHES:
-      exp, state = run_steps(micro_config({cache!r}, model="hope", **EQUIVALENCE,
-                                          **mesh_overrides(MESHES[name])), 2)
+      exp, step, state = train_steps(micro_config({cache!r}, model="hope", **EQUIVALENCE,
+                                                  **mesh_overrides(MESHES[name])), 2)
       np.savez({out!r} + f"/hope_{{name}}.npz", *flat_params(state))
       specs["hope_" + name] = spec_table(state)
+      if name == "fsdp8":
+        whole_batch["hope"] = whole_batch_report(compiled_text(exp, step, state),
+                                                 exp.config.train.batch_size)
+    for model, name in (("hope", "fsdp8"), ("hope", "mixed222"), ("hope_attention", "mixed222"),
+                        ("titans", "fsdp8")):
+      shards[f"{{model}}_{{name}}"] = in_context_shards(
+          micro_config({cache!r}, model=model, **mesh_overrides(MESHES[name])))
     json.dump(specs, open({out!r} + "/specs.json", "w"))
+    json.dump(whole_batch, open({out!r} + "/whole_batch.json", "w"))
+    json.dump(shards, open({out!r} + "/in_context_shards.json", "w"))
     # Save on a 4x2 mesh at step 2, resume on 8x1 and continue to 5 (saving at 4 and 5).
     workdir = {out!r} + "/moved"
     cfg = lambda shape: micro_config({cache!r}, **EQUIVALENCE, **mesh_overrides(shape),
@@ -143,6 +209,42 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(eight_device_ru
       [p for p in matrices if "fsdp" not in fsdp[p]]
 
 
+@pytest.mark.parametrize("model", ["transformer", "hope"])
+def test_fsdp_keeps_activations_and_in_context_state_split_over_the_batch(eight_device_run,
+                                                                         model):
+  """Under pure FSDP no collective gathers the activations of the whole batch (the embedding
+  lookup would otherwise inherit the table's split of d), and HOPE's scan carries only
+  its own rows of the in-context state."""
+  found = json.load(open(os.path.join(eight_device_run, "whole_batch.json")))[model]
+  assert found["collectives"] == [], found["collectives"]
+  assert found["carry"] == [], found["carry"]
+  assert model == "transformer" or found["loops"] > 0
+
+
+# data × fsdp shards of each mesh the in-context state was placed on.
+BATCH_SHARDS = {"fsdp8": 8, "mixed222": 4}
+
+
+@pytest.mark.parametrize("key", ["hope_fsdp8", "hope_mixed222", "hope_attention_mixed222",
+                                 "titans_fsdp8"])
+def test_in_context_state_is_placed_by_rule(eight_device_run, key):
+  """Memories, fast weights, their inner optimizer states and caches: rows over data × fsdp,
+  the KV cache's heads over tensor (like wk/wv's outputs), everything else whole."""
+  table = json.load(open(os.path.join(eight_device_run, "in_context_shards.json")))[key]
+  rows, shards = 8, BATCH_SHARDS[key.rsplit("_", 1)[1]]
+  tensor = MESHES[key.rsplit("_", 1)[1]][2]
+  per_row = [path for path, (shape, _) in table.items() if shape[:1] == [rows]]
+  assert len(per_row) >= 10, sorted(table)
+  for path, (shape, shard) in table.items():
+    if path in per_row and re.search(r"mixers/\d+/[kv]$", path):
+      want = [rows // shards, shape[1], shape[2] // tensor, shape[3]]
+    elif path in per_row:
+      want = [rows // shards] + shape[1:]
+    else:
+      want = shape
+    assert shard == want, (path, shape, shard, want)
+
+
 def test_checkpoint_moves_between_meshes_and_to_one_device(eight_device_run, cache_dir):
   config = micro_config(cache_dir, **EQUIVALENCE, **{"train.steps": 5,
                                                      "train.checkpoint_every": 2})
@@ -166,6 +268,25 @@ def test_spec_rules_fall_back_to_fsdp_and_respect_divisibility():
   assert mesh_lib.spec_for("memory/unknown/w", (7, 9), fake) == P()
   assert mesh_lib.spec_for("layers/0/attn_norm/scale", (64,), fake) == P()
   del mesh
+
+
+def test_state_rules_split_rows_and_cache_heads():
+  fake = type("FakeMesh", (), {"shape": {"data": 2, "fsdp": 4, "tensor": 2}})()
+  rows = ("data", "fsdp")
+  assert mesh_lib.state_spec("fast/0/1/w_up/kernel", (16, 32, 64), fake) == P(rows, None, None)
+  assert mesh_lib.state_spec("mixers/1/k", (16, 32, 4, 8), fake) == P(rows, None, "tensor", None)
+  assert mesh_lib.state_spec("mixers/1/slot_position", (32,), fake) == P()
+  assert mesh_lib.state_spec("opt/0/1/count", (), fake) == P()
+  assert mesh_lib.state_spec("", (4, 32, 64), fake) == P(None, None, None)  # 4 rows, 8 shards
+
+
+def test_place_is_the_identity_without_rules():
+  from nested import layers
+  tree = {"h": jax.numpy.ones((2, 3))}
+  assert layers.place(tree) is tree
+  with layers.placement(lambda t: "placed"):
+    assert layers.place(tree) == "placed"
+  assert layers.place(tree) is tree
 
 
 @pytest.mark.parametrize("sizes, n, expected", [

@@ -279,6 +279,23 @@ class Hope(nnx.Module):
     return logits[:, :length].reshape(*tokens.shape, -1)
 
 
+def embed(cfg, params: dict, tokens: jax.Array) -> jax.Array:
+  """Token embeddings [B, T, D] in the compute dtype (HOPE and Titans).
+
+  Under a mesh the lookup would inherit the table's split of D over fsdp and reshard every
+  activation after it; `place` keeps them split over the batch instead.
+  """
+  table = params["embed"]["embedding"]
+  return layers.place(jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype)))
+
+
+def readout(cfg, params: dict, h: jax.Array) -> jax.Array:
+  """Float32 logits of the last hidden states: final RMSNorm, then the (tied) unembedding."""
+  h = cms.rms_norm(params["final_norm"]["scale"], h)
+  table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
+  return (h @ table.T.astype(h.dtype)).astype(jnp.float32)
+
+
 def _in_context_optimizers(cfg: HopeConfig) -> list:
   return [cms.level_optimizer(cfg.cms_lr, cfg.cms_periods[i] // cfg.chunk_size,
                               momentum=cfg.inner_momentum) for i in cfg.in_context_levels]
@@ -296,8 +313,8 @@ def init_state(cfg: HopeConfig, params: dict, batch: int, cache_len: int | None 
     fast.append([cms.init_fast(p["cms"][j]["mlp"], batch) for j in cfg.in_context_levels])
   optimizers = _in_context_optimizers(cfg)
   opt_states = [[tx.init(w) for tx, w in zip(optimizers, layer)] for layer in fast]
-  return {"position": jnp.zeros((), jnp.int32), "mixers": mixers, "fast": fast,
-          "opt": opt_states}
+  return layers.place({"position": jnp.zeros((), jnp.int32), "mixers": mixers, "fast": fast,
+                       "opt": opt_states})
 
 
 def _cms_weights(cfg: HopeConfig, p_cms: list, fast: list) -> list:
@@ -311,8 +328,7 @@ def _cms_weights(cfg: HopeConfig, p_cms: list, fast: list) -> list:
 def forward_chunk(cfg: HopeConfig, params: dict, mixers: list, fast: list, tokens: jax.Array,
                   positions: jax.Array):
   """All layers on one chunk [B, C]; returns (logits, new mixer states, local-L2 grads)."""
-  dtype = jnp.dtype(cfg.dtype)
-  h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype)
+  h = embed(cfg, params, tokens)
   new_mixers, local_grads = [], []
   for i in range(cfg.n_layers):
     p = params["layers"][i]
@@ -328,10 +344,7 @@ def forward_chunk(cfg: HopeConfig, params: dict, mixers: list, fast: list, token
     if cfg.cms_objective == "local_l2":
       local_grads.append([cms.local_l2_gradient(norms[j], fast[i][slot], inputs[j])
                           for slot, j in enumerate(cfg.in_context_levels)])
-  h = cms.rms_norm(params["final_norm"]["scale"], h)
-  table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
-  logits = (h @ table.T.astype(h.dtype)).astype(jnp.float32)
-  return logits, new_mixers, local_grads
+  return readout(cfg, params, h), new_mixers, local_grads
 
 
 def teach_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -355,6 +368,9 @@ def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict):
 
   @jax.checkpoint
   def chunk_step(carry, chunk_tokens):
+    # Pinned on both sides of the step: left to propagation, pure FSDP kept every row of the
+    # memories on every device (split over heads and d instead).
+    carry = layers.place(carry)
     positions = carry["position"] + jnp.arange(cfg.chunk_size, dtype=jnp.int32)
     fast = carry["fast"]
     if has_levels and cfg.cms_objective == "teach":
@@ -384,8 +400,9 @@ def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict):
     if not cfg.write_gradient:
       written = jax.lax.stop_gradient(written)
     new = {"position": carry["position"] + cfg.chunk_size, "opt": new_opt, **written}
-    return new, logits
+    return layers.place(new), logits
 
-  state, logits = jax.lax.scan(chunk_step, state, memory.chunks(tokens, cfg.chunk_size, 1))
+  state, logits = jax.lax.scan(chunk_step, layers.place(state),
+                               memory.chunks(tokens, cfg.chunk_size, 1))
   return memory.unchunk(logits, 1), state
 

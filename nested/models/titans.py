@@ -20,7 +20,8 @@ from flax import nnx
 
 from nested import cms, layers, memory
 from nested.errors import UserError
-from nested.models.hope import MemoryInit, _conv_kernel, _heads, _kernel, _merge_heads
+from nested.models.hope import (MemoryInit, _conv_kernel, _heads, _kernel, _merge_heads,
+                                 embed, readout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,15 +133,15 @@ class Titans(nnx.Module):
 
 
 def init_state(cfg: TitansConfig, params: dict, batch: int) -> dict:
-  return {"layers": [lmm_init_state(cfg, params["layers"][i]["lmm"], batch)
-                     for i in range(cfg.n_layers)]}
+  return layers.place({"layers": [lmm_init_state(cfg, params["layers"][i]["lmm"], batch)
+                                  for i in range(cfg.n_layers)]})
 
 
 def run(cfg: TitansConfig, params: dict, tokens: jax.Array, state: dict):
   if tokens.shape[-1] % cfg.chunk_size:
     raise ValueError(f"segment length {tokens.shape[-1]} is not a multiple of chunk_size="
                      f"{cfg.chunk_size}")
-  h = jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+  h = embed(cfg, params, tokens)
   new_layers = []
   for i in range(cfg.n_layers):
     p = params["layers"][i]
@@ -148,7 +149,5 @@ def run(cfg: TitansConfig, params: dict, tokens: jax.Array, state: dict):
     new_layers.append(layer_state)
     h = h + y.astype(h.dtype)
     h = h + cms.swiglu(p["mlp"], cms.rms_norm(p["mlp_norm"]["scale"], h)).astype(h.dtype)
-  h = cms.rms_norm(params["final_norm"]["scale"], h)
-  table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
-  return (h @ table.T.astype(h.dtype)).astype(jnp.float32), {"layers": new_layers}
+  return readout(cfg, params, h), {"layers": new_layers}
 

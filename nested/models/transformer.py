@@ -52,7 +52,8 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     positions = jnp.arange(tokens.shape[-1])
-    x = self.embed(tokens)
+    # The lookup would inherit the table's split of d over fsdp: pin the batch instead.
+    x = layers.place(self.embed(tokens))
     for block in self.layers:
       x = block(x, positions)
     x = self.final_norm(x)
