@@ -19,17 +19,17 @@ after the scatter, so no value ever passes through a float op (on CPU, XLA's bfl
 handling inside interpret mode quiets NaN payloads; the bits path is exact everywhere).
 
 Backends: on CPU the kernels run with `interpret=True` (the default there). On TPU the
-reduction over K is the last grid axis ("arbitrary"). On GPU the wrapper selects Pallas'
-Triton backend and loops over K inside the kernel (its grid programs run concurrently); the
-default Mosaic GPU lowering of `pl.pallas_call` has no `dot_general` or row broadcast in
-this style, so a Mosaic GPU port (plgpu.kernel + wgmma) is separate work. Neither GPU nor
-TPU has been run here; see `lowering_check` for what is verified without hardware.
+reduction over K is the last grid axis ("arbitrary"). On GPU the default is Pallas' Mosaic GPU
+backend (Hopper), in kernels_mosaic_gpu.py: the same tile decoding, fed to wgmma for the fused
+matmul. `gpu_backend="triton"` keeps the Triton form (deprecated in JAX from 0.11), which loops
+over K inside each program because its grid programs run concurrently. Neither GPU nor TPU has
+been run here; see `lowering_check` for what is verified without hardware.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,15 @@ def _row_tile(nb: int, block: int, block_k: int) -> int:
   return m
 
 
+GPU_BACKENDS = ("mosaic", "triton")
+
+
+def _use_mosaic_gpu(backend: str, gpu_backend: str) -> bool:
+  if gpu_backend not in GPU_BACKENDS:
+    raise ValueError(f"gpu_backend must be one of {GPU_BACKENDS}, got {gpu_backend!r}")
+  return backend == "gpu" and gpu_backend == "mosaic"
+
+
 def _backend_params(backend: str, interpret: bool, semantics: tuple[str, ...]):
   if interpret:
     return None
@@ -115,19 +124,27 @@ def _bitcast_to(bits: jax.Array, dtype) -> jax.Array:
 # ----------------------------------------------------------------------------- tile decoding
 
 
+def _no_layout(value, kind):
+  del kind
+  return value
+
+
 class _Tile(NamedTuple):
   """Where a row tile of m blocks sits: static geometry plus the traced tile indices.
 
   `local` is the tile's index relative to the start of the refs (0 when the BlockSpec
   already offsets them, the K-loop index when a ref spans all of K); `first_block` is the
   global index of the tile's first block and `meta_row0` the first metadata word row held
-  by the metadata ref.
+  by the metadata ref. `layout(value, kind)` pins the register layout of a freshly loaded
+  "tile" ([rows, cols]) or "row" ([cols]) value: Mosaic GPU picks layouts at loads and
+  broadcasts, the other backends need no hint.
   """
   block: int
   m: int
   local: Any
   first_block: Any
   meta_row0: Any
+  layout: Callable[[Any, str], Any] = _no_layout
 
 
 def _field(ref, width: int, tile: _Tile, row: int, rows: int):
@@ -137,17 +154,22 @@ def _field(ref, width: int, tile: _Tile, row: int, rows: int):
   group, in_block = divmod(row, tile.block)
   s, r = divmod(in_block, words_per_block)
   start = tile.local * (tile.m * words_per_block) + group * words_per_block + r
-  words = ref[pl.ds(start, rows), :]
+  words = tile.layout(ref[pl.ds(start, rows), :], "tile")
   return (words >> U32(width * s)) & _mask(width)
 
 
-def _meta(ref, width: int, tile: _Tile, group: int):
-  """The `width`-bit metadata field of block `group` of the tile, as uint32 [1, bn]."""
+def _meta(ref, width: int, tile: _Tile, group: int, rows: int):
+  """The `width`-bit metadata field of block `group` of the tile, as uint32 [rows, bn].
+
+  The ref is [n, 1, bn] (one row is [1, bn]) or [n, bn] (one row is [bn]); the field is
+  cut from the one row and then broadcast, explicitly, as Mosaic GPU requires.
+  """
   fields = 32 // width
   global_block = tile.first_block + group
-  word = ref[_div(global_block, fields) - tile.meta_row0]          # [1, bn]
+  word = tile.layout(ref[_div(global_block, fields) - tile.meta_row0], "row")
   shift = (_rem(global_block, fields) * width).astype(U32)
-  return (word >> shift) & _mask(width)
+  field = (word >> shift) & _mask(width)
+  return tile.layout(jnp.broadcast_to(field, (rows, field.shape[-1])), "tile")
 
 
 def _exact_bits(refs, widths, dtype, tile: _Tile, row: int, rows: int):
@@ -160,7 +182,7 @@ def _exact_bits(refs, widths, dtype, tile: _Tile, row: int, rows: int):
   lo = jnp.zeros_like(code)
   for w, ref in zip(widths[2:], lo_refs):
     lo = ((lo << U32(w)) & _mask(low)) | _field(ref, w, tile, row, rows)
-  base = _meta(base_ref, 8, tile, row // tile.block)
+  base = _meta(base_ref, 8, tile, row // tile.block, rows)
   exponent = (base + code) & _mask(e_bits)
   bits = (((hi >> U32(7)) & U32(1)) << U32(e_bits + m_bits)) | (exponent << U32(m_bits))
   bits = bits | ((hi & U32(0x7F)) << U32(low)) | lo
@@ -183,7 +205,7 @@ def _int4_rows(refs, widths, dtype, tile: _Tile, row: int, rows: int):
   scale_ref, code_ref = refs
   nibble = _field(code_ref, codecs.CODE_BITS, tile, row, rows)
   q = lax.bitcast_convert_type(nibble ^ U32(8), jnp.int32) - 8
-  scale_bits = _meta(scale_ref, 16, tile, row // tile.block)
+  scale_bits = _meta(scale_ref, 16, tile, row // tile.block, rows)
   scale = lax.bitcast_convert_type(scale_bits << U32(16), jnp.float32)   # bf16 -> f32, exact
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
@@ -264,14 +286,22 @@ def _escape_values(t):
 # ----------------------------------------------------------------------------- decode
 
 
-def decode(t, *, block_k: int = 512, block_n: int = 512, backend: str | None = None,
+def decode(t, *, block_k: int | None = None, block_n: int | None = None,
+           backend: str | None = None, gpu_backend: str = "mosaic",
            interpret: bool | None = None):
   """Pallas decode of an ExactTensor (bit-exact) or Int4Tensor to its dense array.
 
   `backend` ("cpu", "gpu", "tpu"; default: JAX's) is the platform the kernel is built for;
-  `interpret` defaults to True on CPU.
+  on "gpu", `gpu_backend` picks Mosaic GPU (default) or Triton. `interpret` defaults to True
+  on CPU. Block sizes default per form: 512 x 512 here, kernels_mosaic_gpu.decode's there.
   """
   backend, interpret = _platform(backend, interpret)
+  if _use_mosaic_gpu(backend, gpu_backend):
+    from compression import kernels_mosaic_gpu
+    blocks = {k: v for k, v in (("block_k", block_k), ("block_n", block_n)) if v is not None}
+    return kernels_mosaic_gpu.decode(t, interpret=interpret, **blocks)
+  block_k = 512 if block_k is None else block_k
+  block_n = 512 if block_n is None else block_n
   gpu = backend == "gpu" and not interpret
   rows_fn, meta, planes, widths, block, fields = _operands(t)
   rows, cols = codecs.matrix_shape(t.shape)
@@ -299,12 +329,18 @@ def decode(t, *, block_k: int = 512, block_n: int = 512, backend: str | None = N
       out_specs=pl.BlockSpec((bk, bn), lambda k, j: (k, j)),
       compiler_params=_backend_params(backend, interpret, ("parallel", "parallel")),
       interpret=interpret, name=f"jitdelta_decode_{t.codec}")(meta, *planes)
-  out = out[:rows].reshape(-1)
-  if not exact:
+  return _finish_decode(out[:rows], t)
+
+
+def _finish_decode(out, t):
+  """Kernel output [rows, cols] -> the tensor: for the exact tier (unsigned bits) the escape
+  scatter, then the same-width bitcast."""
+  if isinstance(t, codecs.Int4Tensor):
     return out.reshape(t.shape)
+  out = out.reshape(-1)
   if t.escape_index.shape[0]:
     out = out.at[jnp.asarray(t.escape_index)].set(jnp.asarray(t.escape_bits).astype(out.dtype))
-  return lax.bitcast_convert_type(out, dtype).reshape(t.shape)
+  return lax.bitcast_convert_type(out, jnp.dtype(t.dtype)).reshape(t.shape)
 
 
 def decode_reference(t) -> jax.Array:
@@ -364,17 +400,32 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def matmul(x, t, *, block_b: int = 128, block_k: int = 512, block_n: int = 256,
-           out_dtype=None, k_loop: bool | None = None, backend: str | None = None,
+def matmul(x, t, *, block_b: int | None = None, block_k: int | None = None,
+           block_n: int | None = None, out_dtype=None, k_loop: bool | None = None,
+           backend: str | None = None, gpu_backend: str = "mosaic",
            interpret: bool | None = None):
   """y = x @ decode(t) with t decoded tile by tile inside the kernel.
 
   x: [..., K]; t: a compressed [K, N] weight. x is cast to the weight's dtype (as in
   weight-only quantization); products accumulate in float32; y has x's dtype unless
-  `out_dtype`. `k_loop` picks the GPU form (loop over K inside each program) and defaults to
-  True on GPU; both forms run in interpret mode. `backend`, `interpret`: as in `decode`.
+  `out_dtype`. `backend`, `gpu_backend`, `interpret`: as in `decode`; block sizes default
+  per form (128 x 512 x 256 here, kernels_mosaic_gpu.matmul's there). `k_loop` picks between
+  the TPU / CPU-interpret form (False: K is a grid axis) and the Triton form (True: a loop
+  over K inside each program, the default for Triton); the Mosaic GPU kernel has its own
+  grid and takes no `k_loop`.
   """
   backend, interpret = _platform(backend, interpret)
+  if _use_mosaic_gpu(backend, gpu_backend):
+    if k_loop is not None:
+      raise ValueError("k_loop selects the TPU or Triton form; the Mosaic GPU matmul pipelines "
+                       "K itself. Drop k_loop, or pass gpu_backend='triton'.")
+    from compression import kernels_mosaic_gpu
+    blocks = {k: v for k, v in (("block_b", block_b), ("block_k", block_k),
+                                ("block_n", block_n)) if v is not None}
+    return kernels_mosaic_gpu.matmul(x, t, out_dtype=out_dtype, interpret=interpret, **blocks)
+  block_b = 128 if block_b is None else block_b
+  block_k = 512 if block_k is None else block_k
+  block_n = 256 if block_n is None else block_n
   gpu = backend == "gpu" and not interpret
   k_loop = gpu if k_loop is None else k_loop
   if gpu and not k_loop:
@@ -449,35 +500,38 @@ def matmul_reference(x, t, *, out_dtype=None) -> jax.Array:
 # ----------------------------------------------------------------------------- lowering
 
 
-def lowering_check(t, batch: int = 8, platforms=("tpu", "cuda")) -> dict[str, str]:
-  """Lowers decode and both matmul forms for other platforms, without their hardware.
+# target -> (lowering platform, backend, gpu_backend, matmul k_loop, custom call in the module)
+LOWERING_TARGETS = {
+    "tpu": ("tpu", "tpu", "mosaic", False, "tpu_custom_call"),
+    "cuda": ("cuda", "gpu", "mosaic", None, "mosaic_gpu"),
+    "triton": ("cuda", "gpu", "triton", True, "triton"),
+}
 
-  This runs Pallas' own lowering (Mosaic TPU with the grid-K matmul; Triton with the K-loop
-  matmul for GPU), which rejects unsupported ops and block shapes; it does not run Mosaic's
-  layout passes or the Triton compiler, let alone the kernel. Returns
-  {"<platform>/<kernel>": "ok" | "error: ..."}.
+
+def lowering_check(t, batch: int = 8, targets=("tpu", "cuda")) -> dict[str, str]:
+  """Lowers decode and the fused matmul for other platforms, without their hardware.
+
+  Targets: "tpu" (Mosaic TPU, grid-K matmul), "cuda" (Mosaic GPU), "triton" (Pallas' Triton
+  backend for CUDA, K-loop matmul). This runs Pallas' own lowering, which rejects unsupported
+  ops, layouts and block shapes (for Mosaic GPU: register layouts, SMEM transfers and its
+  shared-memory budget); it does not run the later compiler passes, let alone the kernel.
+  A lowering without the target's kernel call (an XLA fallback) counts as an error.
+  Returns {"<target>/<kernel>": "ok" | "error: ..."}.
   """
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
   x = jax.ShapeDtypeStruct((batch, t.shape[0]), jnp.dtype(t.dtype))
-  forms = {
-      "decode": lambda tt, backend: decode(tt, backend=backend, interpret=False),
-      "matmul_grid_k": lambda xx, tt, backend: matmul(xx, tt, k_loop=False, backend=backend,
-                                                      interpret=False),
-      "matmul_loop_k": lambda xx, tt, backend: matmul(xx, tt, k_loop=True, backend=backend,
-                                                      interpret=False),
-  }
   report = {}
-  backends = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}
-  for platform in platforms:
-    for name, fn in forms.items():
-      if name == ("matmul_loop_k" if platform == "tpu" else "matmul_grid_k"):
-        continue                                     # each platform's form only
-      args = (shapes,) if name == "decode" else (x, shapes)
+  for target in targets:
+    platform, backend, gpu_backend, k_loop, call = LOWERING_TARGETS[target]
+    common = dict(backend=backend, gpu_backend=gpu_backend, interpret=False)
+    forms = {"decode": (lambda tt: decode(tt, **common), (shapes,)),
+             "matmul": (lambda xx, tt: matmul(xx, tt, k_loop=k_loop, **common), (x, shapes))}
+    for name, (fn, args) in forms.items():
       try:
-        jax.jit(functools.partial(fn, backend=backends[platform])).trace(*args).lower(
-            lowering_platforms=(platform,))
-        report[f"{platform}/{name}"] = "ok"
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+        ok = call in text
+        report[f"{target}/{name}"] = "ok" if ok else f"error: no {call} call in the module"
       except Exception as e:  # noqa: BLE001 -- a report of what fails, not error handling
         first = str(e).splitlines()[0][:200] if str(e) else ""
-        report[f"{platform}/{name}"] = f"error: {type(e).__name__}: {first}"
+        report[f"{target}/{name}"] = f"error: {type(e).__name__}: {first}"
   return report

@@ -8,10 +8,12 @@
 Student-t df=3, std 0.02): bits per weight and escape rate of the exact tier per dtype and
 block, bits and SQNR of the int4 tier, the progressive layouts measured to choose a codec
 (compression/progressive.py), an interpret-mode correctness pass of the Pallas kernels
-against the references, and which kernels lower for TPU and GPU without their hardware.
+(the TPU/CPU forms and the Mosaic GPU form) against the references, and which kernels lower
+for TPU, Mosaic GPU and Triton without their hardware.
 
 `time` (the default on GPU/TPU) times, for random W of each size and many iterations inside
-ONE jitted lax.fori_loop (time per iteration = wall time / iterations):
+ONE jitted lax.fori_loop (time per iteration = wall time / iterations), on GPU for each of
+--gpu_backends (Mosaic GPU, the default backend, and the opt-in Triton form):
   * a device copy of the bf16 W (read + write) against the decode kernels, as bandwidth;
   * XLA's bf16 `x @ W`, the fused decode-matmul kernels (sweeping the column tile), and
     XLA's own decode-then-dot of the same compressed W (kernels.matmul_reference),
@@ -43,7 +45,9 @@ flags.DEFINE_enum("mode", "auto", ["auto", "check", "time"],
                   "check on CPU, time elsewhere.")
 flags.DEFINE_list("sizes", ["4096", "8192"], "time: W is [size, size].")
 flags.DEFINE_list("batches", ["1", "8", "32", "128"], "time: rows of x.")
-flags.DEFINE_list("block_ns", ["32", "64", "128", "256"], "time: column tiles to sweep.")
+flags.DEFINE_list("block_ns", ["32", "64", "128", "256"],
+                  "time: column tiles to sweep (Mosaic GPU takes the multiples of 64).")
+flags.DEFINE_list("gpu_backends", ["mosaic", "triton"], "time, on GPU: Pallas backends to time.")
 flags.DEFINE_integer("iters", 200, "time: iterations per timed loop.")
 flags.DEFINE_integer("check_size", 1024, "check: tables use [size, size] weights.")
 flags.DEFINE_integer("seed", 0, "Random seed for the synthetic weights.")
@@ -115,26 +119,35 @@ def kernel_check(seed: int) -> None:
       w = synthetic("student_t", (384, 200), dtype, seed)
       t = compression.encode(w, codec)
       expected = np.asarray(compression.decode(t)).view(codecs.uint_dtype(dtype))
-      got = np.asarray(kernels.decode(t, block_k=256, block_n=128))
-      exact = np.array_equal(got.view(codecs.uint_dtype(dtype)), expected)
       x = np.random.default_rng(seed).normal(size=(4, 384)).astype(np.float32)
       ref = np.asarray(kernels.matmul_reference(x, t, out_dtype=jnp.float32))
-      errs = []
-      for k_loop in (False, True):
-        y = np.asarray(kernels.matmul(x, t, block_n=128, k_loop=k_loop, out_dtype=jnp.float32))
+      exact, errs = [], []
+      for backend in ("cpu", "gpu"):        # the TPU/CPU form, the Mosaic GPU form
+        got = np.asarray(kernels.decode(t, block_k=256, block_n=128, backend=backend,
+                                        interpret=True))
+        exact.append("yes" if np.array_equal(got.view(codecs.uint_dtype(dtype)), expected)
+                     else "NO")
+      forms = [dict(k_loop=False), dict(k_loop=True), dict(backend="gpu")]
+      for form in forms:
+        y = np.asarray(kernels.matmul(x, t, block_n=128, out_dtype=jnp.float32, interpret=True,
+                                      **form))
         errs.append(float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))))
-      rows.append([codec, name, "384x200", "yes" if exact else "NO", errs[0], errs[1]])
+      rows.append([codec, name, "384x200", *exact, *errs])
   print("## Pallas kernels in interpret mode vs the references")
-  table(["codec", "dtype", "W", "decode bit-identical", "matmul rel. err (grid-K)",
-         "matmul rel. err (K-loop)"], rows)
+  table(["codec", "dtype", "W", "decode bit-identical", "Mosaic GPU decode bit-identical",
+         "matmul rel. err (grid-K)", "matmul rel. err (K-loop)",
+         "matmul rel. err (Mosaic GPU)"], rows)
 
   rows = []
   w = synthetic("normal", (1024, 1024), BF16, seed)
   for codec in ("exact", "int4"):
-    for key, status in kernels.lowering_check(compression.encode(w, codec)).items():
+    report = kernels.lowering_check(compression.encode(w, codec),
+                                    targets=("tpu", "cuda", "triton"))
+    for key, status in report.items():
       rows.append([codec, key, status])
-  print("## Lowering without hardware (Pallas -> Mosaic TPU / Triton; not compiled or run)")
-  table(["codec", "platform/kernel", "status"], rows)
+  print("## Lowering without hardware (Pallas -> Mosaic TPU, Mosaic GPU (\"cuda\"), Triton; "
+        "not compiled or run)")
+  table(["codec", "target/kernel", "status"], rows)
 
 
 # ----------------------------------------------------------------------------- time mode
@@ -163,14 +176,14 @@ def time_copy(w, iters):
   return timed(run, bits, iters=iters)
 
 
-def time_decode(t, iters, **blocks):
+def time_decode(t, iters, **kwargs):
   meta = "bases" if t.codec == "exact" else "scales"
 
   @jax.jit
   def run(t):
     def body(i, out):
       salted = dataclasses.replace(t, **{meta: getattr(t, meta) ^ _never(i, iters)})
-      return kernels.decode(salted, **blocks)
+      return kernels.decode(salted, **kwargs)
     return jax.lax.fori_loop(0, iters, body, jnp.zeros(t.shape, jnp.dtype(t.dtype)))
   return timed(run, t, iters=iters)
 
@@ -197,10 +210,20 @@ def best(fn, block_ns):
   return min(results) if results else (float("nan"), None)
 
 
-def timings(sizes, batches, block_ns, iters, seed) -> None:
+def tiles_for(gpu_backend, block_ns):
+  """The column tiles a backend takes: Mosaic GPU's are multiples of 64."""
+  if jax.default_backend() == "gpu" and gpu_backend == "mosaic":
+    return [bn for bn in block_ns if bn % 64 == 0]
+  return block_ns
+
+
+def timings(sizes, batches, block_ns, iters, seed, gpu_backends) -> None:
   device = jax.devices()[0]
   print(f"# {datetime.date.today()}, jax {jax.__version__}, {device.platform} "
         f"{device.device_kind}, {iters} iterations per loop, synthetic N(0, 0.02) weights")
+  # gpu_backend only matters on GPU; elsewhere the one form is timed once.
+  backends = gpu_backends if device.platform == "gpu" else gpu_backends[:1]
+  label = (lambda gb: f" [{gb}]") if device.platform == "gpu" else (lambda gb: "")
   for n in sizes:
     w_host = synthetic("normal", (n, n), BF16, seed)
     w = jnp.asarray(w_host)
@@ -209,11 +232,13 @@ def timings(sizes, batches, block_ns, iters, seed) -> None:
     dense_bytes = w.nbytes
     copy_bw = 2 * dense_bytes / copy_s
     rows = [["copy (bf16 read + write)", "", copy_s * 1e6, copy_bw / 1e9, 1.0]]
-    for codec, t in tensors.items():
-      s, bn = best(lambda bn, t=t: time_decode(t, iters, block_k=256, block_n=bn), block_ns)
-      bw = (t.nbytes + dense_bytes) / s
-      rows.append([f"decode {codec} ({compression.bits_per_weight(t):.3f} bits/weight)",
-                   bn, s * 1e6, bw / 1e9, bw / copy_bw])
+    for gb in backends:
+      for codec, t in tensors.items():
+        s, bn = best(lambda bn, t=t, gb=gb: time_decode(
+            t, iters, block_k=256, block_n=bn, gpu_backend=gb), tiles_for(gb, block_ns))
+        bw = (t.nbytes + dense_bytes) / s
+        rows.append([f"decode {codec}{label(gb)} ({compression.bits_per_weight(t):.3f} "
+                     "bits/weight)", bn, s * 1e6, bw / 1e9, bw / copy_bw])
     print(f"## Decode, W [{n}, {n}] (target: >= 80% of copy bandwidth)")
     table(["kernel", "block_n", "us", "GB/s (compressed read + dense write)", "of copy"], rows)
 
@@ -224,10 +249,12 @@ def timings(sizes, batches, block_ns, iters, seed) -> None:
                         x, w, iters)
       rows.append([b, "XLA bf16 x @ W", "", xla * 1e6, 1.0])
       for codec, t in tensors.items():
-        s, bn = best(lambda bn, t=t: time_matmul(
-            lambda x, tt: kernels.matmul(x, tt, block_n=bn, out_dtype=jnp.float32),
-            x, t, iters), block_ns)
-        rows.append([b, f"fused {codec}", bn, s * 1e6, s / xla])
+        for gb in backends:
+          s, bn = best(lambda bn, t=t, gb=gb: time_matmul(
+              lambda x, tt: kernels.matmul(x, tt, block_n=bn, out_dtype=jnp.float32,
+                                           gpu_backend=gb),
+              x, t, iters), tiles_for(gb, block_ns))
+          rows.append([b, f"fused {codec}{label(gb)}", bn, s * 1e6, s / xla])
         ref = time_matmul(lambda x, tt: kernels.matmul_reference(x, tt, out_dtype=jnp.float32),
                           x, t, iters)
         rows.append([b, f"XLA decode-then-dot {codec}", "", ref * 1e6, ref / xla])
@@ -247,7 +274,7 @@ def main(argv):
     kernel_check(FLAGS.seed)
   else:
     timings(list(map(int, FLAGS.sizes)), list(map(int, FLAGS.batches)),
-            list(map(int, FLAGS.block_ns)), FLAGS.iters, FLAGS.seed)
+            list(map(int, FLAGS.block_ns)), FLAGS.iters, FLAGS.seed, FLAGS.gpu_backends)
 
 
 if __name__ == "__main__":
