@@ -55,6 +55,10 @@ CODE_BITS = 4
 # Exact-tier block (rows per base exponent). fp16 uses 512 so that its 1-bit plane still
 # gives 16-row slabs, the smallest K a GPU dot accepts.
 DEFAULT_EXACT_BLOCK = {"bfloat16": 256, "float16": 512, "float32": 256}
+# Blocks are fitted to a tensor's rows (default_exact_block, default_int4_group), down to
+# 8-row slabs of the 4-bit plane (a TPU sublane tile: 64 rows). The GPU fused matmul wants
+# 16-row slabs: blocks >= 128.
+MIN_SLAB_ROWS = 8
 DEFAULT_INT4_GROUP = 128
 SCALE_DTYPE = ml_dtypes.bfloat16
 
@@ -94,6 +98,28 @@ def lo_widths(dtype) -> tuple[int, ...]:
 
 def plane_widths(dtype) -> tuple[int, ...]:
   return (CODE_BITS, 8) + lo_widths(dtype)
+
+
+def _fitted_block(rows: int, smallest: int, largest: int, payload_bits: int,
+                  meta_bits: int) -> int:
+  """The power-of-two block in [smallest, largest] that costs the fewest bits per column
+  (padding rows + per-block metadata): 384 rows take blocks of 128, not 256 (padded to 512)."""
+  sizes = [smallest << i for i in range((largest // smallest).bit_length())]
+  return min(sizes, key=lambda b: (padded_rows(max(rows, 1), b) * (payload_bits + meta_bits / b),
+                                   -b))
+
+
+def default_exact_block(dtype, rows: int) -> int:
+  """Rows per base exponent for a tensor of `rows` rows: at most DEFAULT_EXACT_BLOCK, and no
+  slab under MIN_SLAB_ROWS rows."""
+  widths = plane_widths(dtype)
+  return _fitted_block(rows, MIN_SLAB_ROWS * 32 // min(widths),
+                       DEFAULT_EXACT_BLOCK[np.dtype(dtype).name], sum(widths), 8)
+
+
+def default_int4_group(rows: int) -> int:
+  """Rows per int4 scale: at most DEFAULT_INT4_GROUP, fitted to the rows like the exact tier."""
+  return _fitted_block(rows, MIN_SLAB_ROWS * 32 // CODE_BITS, DEFAULT_INT4_GROUP, CODE_BITS, 16)
 
 
 def check_block(block: int, widths: tuple[int, ...]) -> None:
@@ -211,8 +237,8 @@ def choose_bases(exponents: np.ndarray, valid_rows: int, block: int, exp_bits: i
 def encode_exact(x, block: int | None = None) -> ExactTensor:
   x = np.asarray(x)
   e_bits, m_bits = float_format(x.dtype)
-  block = DEFAULT_EXACT_BLOCK[x.dtype.name] if block is None else block
   widths = plane_widths(x.dtype)
+  block = default_exact_block(x.dtype, matrix_shape(x.shape)[0]) if block is None else block
   check_block(block, widths)
   rows, cols = matrix_shape(x.shape)
   if rows * cols >= 2**32:
@@ -277,9 +303,10 @@ def scale_values(bits: np.ndarray) -> np.ndarray:
   return bits.astype(np.uint16).view(SCALE_DTYPE).astype(np.float32)
 
 
-def encode_int4(x, group: int = DEFAULT_INT4_GROUP) -> Int4Tensor:
+def encode_int4(x, group: int | None = None) -> Int4Tensor:
   x = np.asarray(x)
   float_format(x.dtype)
+  group = default_int4_group(matrix_shape(x.shape)[0]) if group is None else group
   check_block(group, (CODE_BITS, 16))
   if not np.all(np.isfinite(x)):
     raise UserError("the int4 codec cannot represent inf or NaN; use codec='exact' for "
@@ -324,7 +351,7 @@ def encode(x, codec: str, *, block: int | None = None):
   if codec == "exact":
     return encode_exact(x, block)
   if codec == "int4":
-    return encode_int4(x, DEFAULT_INT4_GROUP if block is None else block)
+    return encode_int4(x, block)
   raise UserError(f"unknown codec {codec!r}; use 'exact' or 'int4'.")
 
 
