@@ -77,8 +77,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def quiet_library_info(record: py_logging.LogRecord) -> bool:
-  """Orbax logs every step of every save at INFO; keep its warnings, drop the chatter."""
-  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+  """Orbax logs every step of every save at INFO, and warns that a manager we opened
+  read-only (to evaluate or compress) is read-only; keep its other warnings."""
+  if "/orbax/" not in record.pathname:
+    return True
+  message = record.getMessage()
+  return (record.levelno >= py_logging.WARNING and "read_only" not in message
+          and "read only" not in message)
 
 
 def main(argv):

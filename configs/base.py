@@ -78,6 +78,32 @@ def get_base_config() -> ml_collections.ConfigDict:
   # baseline config to measure beside this one, e.g. "configs/transformer.py:tiny".
   c.burn_rate = ml_collections.ConfigDict(dict(steps=0, baseline=""))
 
+  # --mode=generate (experiments/generate.py): samples from the latest checkpoint.
+  c.generate = ml_collections.ConfigDict(dict(
+      prompt="",             # '' = start a new document (the tokenizer's document separator)
+      max_new_tokens=200,
+      num_samples=1,
+      temperature=0.8,       # 0 = greedy
+      top_k=0,               # sample among the k most likely tokens; 0 = all of them
+      seed=0,
+  ))
+
+  # JIT-Delta weight compression (SPEC §5; compression/, experiments/compress.py).
+  # `--mode=compress` writes a compressed copy of the latest checkpoint's parameters of
+  # `levels`; with `codec` set, `--mode=eval` and `--mode=generate` run from that copy,
+  # decoding the weights just in time inside the jitted forward pass.
+  c.compression = ml_collections.ConfigDict(dict(
+      codec="",              # "exact" (bit for bit), "int4" (lossy, group 128), "" = off
+      levels="",             # comma list of config.levels names; "" = the slowest levels
+                             # (the longest period, if longer than one step)
+      dtype="",              # "" = keep the parameters' dtype (float32: the exact tier costs
+                             # ~28 bits); e.g. "bfloat16" = cast first (~12 bits, not exact)
+      min_size=4096,         # tensors with fewer elements stay dense (norm scales)
+      train=False,           # keep those levels exact-compressed on device while training,
+                             # re-encoded when they fire (codec "exact", dtype "")
+      escape_capacity=0.01,  # with train: escape slots per tensor, as a fraction of its weights
+  ))
+
   # The device mesh (experiments/mesh.py): the batch is split over data × fsdp, parameters
   # and optimizer state over fsdp, attention heads and MLP hidden units over tensor.
   # One axis may be -1: the devices left over.

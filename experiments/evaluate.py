@@ -1,5 +1,8 @@
 """Validation loss, perplexity and bits-per-byte; `--mode=eval` on the latest checkpoint.
 
+With `config.compression.codec` set, `--mode=eval` evaluates the checkpoint's compressed
+copy (experiments/compress.py) beside the dense checkpoint and reports the difference.
+
 bits-per-byte = (mean next-token loss in nats) / ln 2 / (UTF-8 bytes per token of the
 validation text), so it compares models across tokenizers. Results go to
 `<workdir>/eval.json`.
@@ -14,10 +17,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from experiments import checkpoint, data, mesh as mesh_lib, state as state_lib
+from experiments import checkpoint, compress, data, mesh as mesh_lib, state as state_lib
 from nested.errors import UserError
 
 
@@ -26,24 +30,27 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def make_eval_step(apply):
-  @jax.jit
+def make_eval_step(apply, mesh: jax.sharding.Mesh):
   def eval_step(params, batch):
     nll = token_nll(apply(params, batch[:, :-1]), batch[:, 1:])
     return nll.sum(), nll.size
-  return eval_step
+  return jax.jit(mesh_lib.with_rules(eval_step, mesh))
+
+
+def validation_batches(exp: state_lib.Experiment):
+  cfg = exp.config
+  return data.eval_batches(exp.dataset, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
+                           max_batches=cfg.eval.max_batches or None,
+                           process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
-  """Mean loss over `config.eval.max_batches` validation batches (0 = all of them)."""
+  """Mean loss over `config.eval.max_batches` validation batches (0 = all of them); `params`
+  may hold compressed leaves (decoded inside the jitted step)."""
   cfg = exp.config
-  eval_step = make_eval_step(exp.apply)
+  eval_step = make_eval_step(exp.apply, exp.mesh)
   total, count = 0.0, 0
-  for batch in data.eval_batches(exp.dataset, batch_size=cfg.eval.batch_size,
-                                 seq_len=cfg.train.seq_len,
-                                 max_batches=cfg.eval.max_batches or None,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
+  for batch in validation_batches(exp):
     nll_sum, n = eval_step(params, mesh_lib.put_batch(batch, exp.mesh))
     total, count = total + float(nll_sum), count + int(n)
   if count == 0:
@@ -64,26 +71,43 @@ def log_results(results: dict[str, Any]) -> None:
                f"{bpb:.4f}" if bpb is not None else "n/a (no tokenizer)", results["tokens"])
 
 
-def restore_latest(exp: state_lib.Experiment, workdir: str) -> tuple[int, Any]:
-  """(step, params) of the workdir's latest checkpoint; a UserError when there is none or it
-  holds another model."""
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    raise UserError(f"No checkpoints in {workdir}: train first (--mode=train with this "
-                    f"--workdir), or point --workdir at a finished run.")
-  mngr = checkpoint.manager(workdir, read_only=True)
-  latest = checkpoint.latest_record(mngr)
-  if latest is None:
-    raise UserError(f"No checkpoints in {workdir}: train first (--mode=train with this "
-                    f"--workdir), or point --workdir at a finished run.")
-  step, record = latest
-  checkpoint.check_compatible(record, exp.record, workdir)
-  state = checkpoint.restore(mngr, step, state_lib.abstract_state(exp), workdir)
-  return step, state.params
+def same_bits(a: jax.Array, b: jax.Array) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def compare_compressed(exp: state_lib.Experiment, workdir: str) -> dict[str, Any]:
+  """The compressed copy of the latest checkpoint (config.compression) against the dense
+  checkpoint: both validation losses, and whether the logits of the first validation batch
+  are bitwise identical."""
+  step, params = state_lib.restore_latest(exp, workdir)
+  _, tree, where = compress.load_latest(exp, workdir)
+  dense, compressed = evaluate(exp, params), evaluate(exp, tree)
+  first = mesh_lib.put_batch(next(iter(validation_batches(exp))), exp.mesh)[:, :-1]
+  logits = jax.jit(mesh_lib.with_rules(exp.apply, exp.mesh))
+  logits_dense, logits_compressed = logits(params, first), logits(tree, first)
+  return {"step": step, "directory": where, "codec": exp.config.compression.codec,
+          "dense": dense, "compressed": compressed,
+          "delta_loss": compressed["loss"] - dense["loss"],
+          "delta_perplexity": compressed["perplexity"] - dense["perplexity"],
+          "logits_bitwise_identical": same_bits(logits_dense, logits_compressed),
+          "logits_max_abs_diff": float(jnp.max(jnp.abs(logits_dense - logits_compressed)))}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = state_lib.build(config)
-  step, params = restore_latest(exp, workdir)
+  if config.compression.codec:
+    results = compare_compressed(exp, workdir)
+    if jax.process_index() == 0:
+      checkpoint.write_json_atomic(os.path.join(results["directory"], "eval.json"), results)
+      log_results({"step": results["step"], **results["compressed"]})
+      logging.info("%s compressed vs dense: loss %+.6f, perplexity %+.6f, logits of the first "
+                   "batch bitwise identical: %s (max |diff| %.3g) → %s", results["codec"],
+                   results["delta_loss"], results["delta_perplexity"],
+                   results["logits_bitwise_identical"], results["logits_max_abs_diff"],
+                   os.path.join(results["directory"], "eval.json"))
+    return results
+  step, params = state_lib.restore_latest(exp, workdir)
   results = {"step": step, **evaluate(exp, params)}
   if jax.process_index() == 0:
     checkpoint.write_json_atomic(os.path.join(workdir, "eval.json"), results)

@@ -1,6 +1,6 @@
 """What `main.py --mode=<name>` runs: name → (run(config, workdir), one-line description)."""
 
-from experiments import burn_rate, evaluate, sweep, tables, train, zeroshot
+from experiments import burn_rate, compress, evaluate, generate, sweep, tables, train, zeroshot
 
 MODES = {
     "train": (train.run, "train (resuming from the workdir's latest checkpoint), then evaluate → "
@@ -12,7 +12,12 @@ MODES = {
     "tables": (tables.run, "Table 1 of the paper with our runs beside it (a tables config, "
                "configs/tables.py) → table1.md"),
     "eval": (evaluate.run, "validation loss, perplexity and bits/byte of the workdir's latest "
-             "checkpoint → eval.json"),
+             "checkpoint → eval.json (with config.compression.codec set: of its compressed copy, "
+             "beside the dense one → compressed/<copy>/eval.json)"),
+    "generate": (generate.run, "sample text from the latest checkpoint (config.generate; from its "
+                 "compressed copy when config.compression.codec is set) → samples.json"),
+    "compress": (compress.run, "JIT-Delta copy of the latest checkpoint's slow levels "
+                 "(config.compression) → compressed/step_<N>-<codec>/ with report.md"),
     "zeroshot": (zeroshot.run, "lm-evaluation-harness zero-shot tasks (config.zeroshot) on the "
                  "workdir's latest checkpoint → zeroshot.json"),
 }

@@ -7,6 +7,7 @@ bad config fails in a second with a message, not an hour in.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -15,6 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from compression import tree as ctree
 from experiments import checkpoint, data, mesh as mesh_lib
 from nested import levels, models, optimizers
 from nested.errors import UserError
@@ -56,9 +58,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.chain(clip, learner)
 
 
-def fired_levels(state: TrainState) -> dict[str, jax.Array]:
-  """Which levels updated their parameters on the step that produced `state`."""
-  return levels.fired_levels(state.opt_state[1])
+def fired_levels(opt_state) -> dict[str, jax.Array]:
+  """Which levels updated their parameters on the step that produced `opt_state` (the
+  state of `make_optimizer`'s chain: clipping, then the nested learner)."""
+  return levels.fired_levels(opt_state[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,10 @@ class Experiment:
 
   @property
   def apply(self) -> Callable[[Any, jax.Array], jax.Array]:
-    return models.apply_fn(self.graphdef)
+    """`(params, tokens) -> logits`; compressed leaves of `params` (JIT-Delta, compression/)
+    are decoded inside the caller's jit, just in time: a no-op for a dense tree."""
+    apply = models.apply_fn(self.graphdef)
+    return lambda params, tokens: apply(ctree.decompress(params), tokens)
 
   @property
   def record(self) -> dict[str, Any]:
@@ -107,13 +113,26 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
   return Experiment(config, mesh, dataset, graphdef, abstract_params, make_optimizer(config))
 
 
-def state_shardings(exp: Experiment, state_shapes: TrainState | None = None) -> TrainState:
+def state_shapes(exp: Experiment, on_device: Any = None) -> TrainState:
+  """Shapes and dtypes of the train state; with `on_device` (experiments.compress.OnDevice)
+  its chosen parameters are compressed tensors."""
+  def shapes(params):
+    kept = params if on_device is None else on_device.compress(params)[0]
+    return TrainState(jnp.zeros((), jnp.int32), kept, exp.optimizer.init(params))
+  return jax.eval_shape(shapes, exp.abstract_params)
+
+
+def state_shardings(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
   """Where every leaf of the train state lives: parameters and their optimizer-state
-  twins by the mesh rules (experiments/mesh.py), scalars replicated."""
-  if state_shapes is None:
-    state_shapes = jax.eval_shape(lambda: TrainState(
-        jnp.zeros((), jnp.int32), exp.abstract_params, exp.optimizer.init(exp.abstract_params)))
-  return mesh_lib.tree_shardings(state_shapes, exp.mesh)
+  twins by the mesh rules (experiments/mesh.py), scalars and compressed tensors (decoded
+  whole, just in time) replicated."""
+  shapes = state_shapes(exp) if shapes is None else shapes
+  by_rule = mesh_lib.tree_shardings(shapes, exp.mesh)
+  replicated = mesh_lib.replicated(exp.mesh)
+  return jax.tree.map(
+      lambda shape, sharding: (jax.tree.map(lambda _: replicated, shape)
+                               if ctree.is_compressed(shape) else sharding),
+      shapes, by_rule, is_leaf=ctree.is_compressed)
 
 
 def init_state(exp: Experiment) -> TrainState:
@@ -125,9 +144,30 @@ def init_state(exp: Experiment) -> TrainState:
 
 
 def abstract_state(exp: Experiment) -> TrainState:
-  """Shapes, dtypes and shardings of the train state: the target of a restore, which
+  """Shapes, dtypes and shardings of the (dense) train state: the target of a restore, which
   may reshard a checkpoint saved on another mesh."""
-  shapes = jax.eval_shape(lambda: TrainState(
-      jnp.zeros((), jnp.int32), exp.abstract_params, exp.optimizer.init(exp.abstract_params)))
+  shapes = state_shapes(exp)
   return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                       shapes, state_shardings(exp, shapes))
+
+
+def latest_checkpoint(workdir: str):
+  """(read-only manager, step, model record) of the workdir's latest checkpoint; a UserError
+  when there is none."""
+  latest = None
+  if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    mngr = checkpoint.manager(workdir, read_only=True)
+    latest = checkpoint.latest_record(mngr)
+  if latest is None:
+    raise UserError(f"No checkpoints in {workdir}: train first (--mode=train with this "
+                    f"--workdir), or point --workdir at a finished run.")
+  return mngr, *latest
+
+
+def restore_latest(exp: Experiment, workdir: str) -> tuple[int, Any]:
+  """(step, params) of the workdir's latest checkpoint; a UserError when there is none or it
+  holds another model."""
+  mngr, step, record = latest_checkpoint(workdir)
+  checkpoint.check_compatible(record, exp.record, workdir)
+  state = checkpoint.restore(mngr, step, abstract_state(exp), workdir)
+  return step, state.params

@@ -21,13 +21,21 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from experiments import checkpoint, data, evaluate, metrics as metrics_lib, mesh as mesh_lib
+from compression import tree as ctree
+from experiments import checkpoint, compress, data, evaluate, metrics as metrics_lib
+from experiments import mesh as mesh_lib
 from experiments import state as state_lib
 from experiments.state import TrainState
+from nested.errors import UserError
 
 
-def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, grad_accum: int):
-  """The train step, un-jitted. Gradients are averaged over `grad_accum` micro-batches."""
+def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, grad_accum: int,
+                    on_device: compress.OnDevice | None = None):
+  """The train step, un-jitted. Gradients are averaged over `grad_accum` micro-batches.
+
+  With `on_device` (config.compression.train) some parameters arrive exact-compressed: the
+  step decodes them, and re-encodes those whose level fired.
+  """
 
   def loss_fn(params, batch):
     return evaluate.token_nll(apply(params, batch[:, :-1]), batch[:, 1:]).mean()
@@ -46,20 +54,26 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
     return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
 
   def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-    loss, grads = loss_and_grads(state.params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-    fired = {f"fired/{name}": f for name, f in state_lib.fired_levels(new_state).items()}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **fired}
+    params = ctree.decompress(state.params)          # a no-op unless on_device
+    loss, grads = loss_and_grads(params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    fired = state_lib.fired_levels(opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               **{f"fired/{name}": f for name, f in fired.items()}}
+    if on_device is not None:
+      new_params, metrics["compression/overflow"] = on_device.update(state.params, new_params,
+                                                                     fired)
+    return TrainState(state.step + 1, new_params, opt_state), metrics
 
   return train_step
 
 
-def jit_train_step(exp: state_lib.Experiment):
-  shardings = state_lib.state_shardings(exp)
+def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | None = None):
+  shardings = state_lib.state_shardings(exp, state_lib.state_shapes(exp, on_device))
   return jax.jit(
-      mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum),
-                          exp.mesh),
+      mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum,
+                                          on_device), exp.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(exp.mesh)),
       out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0)
 
@@ -111,6 +125,33 @@ def stop_requested(sigterm: _SigtermFlag) -> bool:
   return bool(np.any(flags))
 
 
+def check_overflow(overflow: int, step: int, config: ml_collections.ConfigDict) -> None:
+  if overflow:
+    raise UserError(
+        f"At step {step}, {overflow} tensor(s) kept compressed for training had more escapes "
+        f"(weights outside their block's 15-exponent window) than config.compression."
+        f"escape_capacity={config.compression.escape_capacity} of their weights. Their "
+        f"weights after this step are not usable and were not saved. Re-run with a larger "
+        f"--config.compression.escape_capacity (it resumes from the last checkpoint), or "
+        f"without --config.compression.train.")
+
+
+def compress_state(exp: state_lib.Experiment, on_device: compress.OnDevice,
+                   state: TrainState) -> TrainState:
+  """The dense `state` with `on_device`'s parameters encoded, on the device."""
+  shardings = state_lib.state_shardings(exp, state_lib.state_shapes(exp, on_device))
+  params, overflow = jax.jit(on_device.compress, out_shardings=(
+      shardings.params, mesh_lib.replicated(exp.mesh)))(state.params)
+  check_overflow(int(overflow), int(state.step), exp.config)
+  return state._replace(params=params)
+
+
+@jax.jit
+def dense_state(state: TrainState) -> TrainState:
+  """The train state as checkpoints hold it: every parameter dense."""
+  return state._replace(params=ctree.decompress(state.params))
+
+
 def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   """Runs the loop from the latest checkpoint (if any) to `config.train.steps`."""
   cfg = exp.config.train
@@ -125,7 +166,10 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
     mngr.close()
     return state
 
-  train_step = jit_train_step(exp)
+  on_device = compress.on_device(exp.config, exp.abstract_params)
+  if on_device is not None:
+    state = compress_state(exp, on_device, state)
+  train_step = jit_train_step(exp, on_device)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None
   progress = metrics_lib.Progress(start, cfg.steps, state_lib.tokens_per_step(exp.config))
   schedule = state_lib.learning_rate_schedule(cfg)
@@ -136,6 +180,8 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
     for step in range(start, cfg.steps):
       state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh))
       done = step + 1
+      if on_device is not None and on_device.fires(step):
+        check_overflow(int(step_metrics["compression/overflow"]), done, exp.config)
       log_step = done % cfg.log_every == 0 or done == cfg.steps
       stop = stop_requested(sigterm) if (log_step or jax.process_count() == 1) else False
       if lead and (log_step or stop):
@@ -151,7 +197,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
         if lead:
           writer.write({"step": done, **{f"val/{k}": v for k, v in results.items()}})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-        checkpoint.save(mngr, done, state, exp.record)
+        checkpoint.save(mngr, done, dense_state(state) if on_device else state, exp.record)
       if stop:
         mngr.wait_until_finished()
         logging.warning("SIGTERM: saved the checkpoint at step %d; exiting. Re-run the same "

@@ -136,7 +136,7 @@ def make_score_fn(apply: Callable, mesh: jax.sharding.Mesh) -> Callable:
     ll = -(evaluate.token_nll(logits, targets) * mask).sum(-1)
     greedy = jnp.all((jnp.argmax(logits, -1) == targets) | (mask == 0), axis=-1)
     return ll, greedy
-  return jax.jit(score, out_shardings=mesh_lib.replicated(mesh))
+  return jax.jit(mesh_lib.with_rules(score, mesh), out_shardings=mesh_lib.replicated(mesh))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise UserError("Zero-shot tasks are text, but this run's data has no tokenizer "
                     "(pre-tokenized input with --config.data.tokenizer=''): pass the tokenizer "
                     "the model was trained with (--config.data.tokenizer, --config.data.spm_model).")
-  step, params = evaluate.restore_latest(exp, workdir)
+  step, params = state_lib.restore_latest(exp, workdir)
   z = config.zeroshot
   score = Scorer(make_score_fn(exp.apply, exp.mesh), params, config.train.seq_len,
                  z.batch_size, z.min_bucket, exp.mesh)
