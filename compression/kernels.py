@@ -396,6 +396,14 @@ def _check_matmul(x, t):
     raise ValueError(f"x[..., {x.shape[-1]}] @ W{list(t.shape)}: inner dims differ")
 
 
+def _matmul_rows(x, t, out_dtype):
+  """(x as [B, K] in the weight's dtype, as in weight-only quantization; x's leading dims;
+  the output dtype), after checking the shapes: what every backend's `x @ W` starts with."""
+  _check_matmul(x, t)
+  return (x.reshape(-1, t.shape[0]).astype(jnp.dtype(t.dtype)), x.shape[:-1],
+          x.dtype if out_dtype is None else out_dtype)
+
+
 def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
@@ -431,15 +439,12 @@ def matmul(x, t, *, block_b: int | None = None, block_k: int | None = None,
   if gpu and not k_loop:
     raise ValueError("k_loop=False sums K tiles across grid steps, which GPU programs do not "
                      "run in order; use k_loop=True on GPU.")
-  _check_matmul(x, t)
-  out_dtype = x.dtype if out_dtype is None else out_dtype
+  x2, lead, out_dtype = _matmul_rows(x, t, out_dtype)
+  if x2.size * t.shape[1] == 0:
+    return jnp.zeros((*lead, t.shape[1]), out_dtype)
   rows_fn, meta, planes, widths, block, fields = _operands(t)
   dtype = jnp.dtype(t.dtype)
-  lead, (K, N) = x.shape[:-1], t.shape
-  x2 = x.reshape(-1, K).astype(dtype)
-  B = x2.shape[0]
-  if B * N == 0:
-    return jnp.zeros((*lead, N), out_dtype)
+  (B, K), N = x2.shape, t.shape[1]
   K_p = codecs.padded_rows(K, block)
   nb = K_p // block
   m = _row_tile(nb, block, block_k)

@@ -325,14 +325,11 @@ def matmul(x, t, *, block_b: int = 64, block_k: int = 256, block_n: int = 128,
   the number of K tiles; default: enough CTAs for an H100) splits the reduction.
   `interpret`: as in `decode`.
   """
-  kernels._check_matmul(x, t)
-  out_dtype = x.dtype if out_dtype is None else out_dtype
+  x2, lead, out_dtype = kernels._matmul_rows(x, t, out_dtype)
+  if x2.size * t.shape[1] == 0:
+    return jnp.zeros((*lead, t.shape[1]), out_dtype)
   dtype = jnp.dtype(t.dtype)
-  lead, (K, N) = x.shape[:-1], t.shape
-  x2 = x.reshape(-1, K).astype(dtype)
-  B = x2.shape[0]
-  if B * N == 0:
-    return jnp.zeros((*lead, N), out_dtype)
+  (B, K), N = x2.shape, t.shape[1]
   if dtype.itemsize == 4:
     w = decode(t, block_k=block_k, block_n=block_n, interpret=interpret)
     y = jnp.dot(x2, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)

@@ -31,7 +31,7 @@ def hope_config(cache_dir, **overrides):
 def trained(cache_dir, tmp_path_factory):
   """A workdir holding a 2-step micro HOPE checkpoint."""
   workdir = str(tmp_path_factory.mktemp("hope"))
-  train.run(hope_config(cache_dir), workdir)
+  train.train(state_lib.build(hope_config(cache_dir)), workdir)
   return workdir
 
 

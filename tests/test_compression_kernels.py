@@ -188,7 +188,7 @@ MOSAIC_MATMUL_CASES = [("exact", BF16, {}), ("exact", BF16, {"split_k": 1}),
     "codec, dtype, blocks", MOSAIC_MATMUL_CASES,
     ids=[f"{c}-{NAMES(d)}-{b}" for c, d, b in MOSAIC_MATMUL_CASES])
 def test_mosaic_gpu_matmul_equals_x_at_decoded_w(codec, dtype, blocks):
-  """K 640 = 3 tiles of 256 after padding; N 160 = a full and a partial column tile."""
+  """K 640 is not a multiple of the 256-row K tile; N 160 = a full and a partial column tile."""
   w = (matmul_weights(dtype, (640, 160), seed=33) if codec == "exact"
        else weights("student_t", (640, 160), dtype, seed=33))
   t = compression.encode(w, codec)
