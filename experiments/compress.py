@@ -6,8 +6,8 @@ CMS level written once every few optimizer steps) — in tensors of at least
 `config.compression.min_size` elements. The rest of the parameters stay dense.
 
 Where: `<workdir>/compressed/step_<N>-<codec>[-<dtype>]/` (the format of compression/tree.py),
-with `report.md` / `report.json`: bits per weight, bytes before and after, and the escape rate
-of every tensor. A directory is written once; a rerun with the same settings reports it again,
+with `report.md` (its rows are also in `manifest.json`'s metadata): bits per weight, bytes
+before and after, and the escape rate of every tensor. A directory is written once; a rerun with the same settings reports it again,
 one with other settings is refused rather than overwriting it.
 
 With `config.compression.codec` set, `--mode=eval` and `--mode=generate` read the compressed
@@ -81,11 +81,16 @@ def chosen_levels(config: ml_collections.ConfigDict) -> list[str]:
   return [name for name, period in periods.items() if period == slowest]
 
 
+def level_owners(config: ml_collections.ConfigDict, params: Any) -> dict[str, str]:
+  """Parameter path -> the name of the level that owns (writes) it."""
+  labels = levels_lib.label_params(_levels(config), params)
+  return {levels_lib.param_path(kp): name
+          for kp, name in jax.tree_util.tree_flatten_with_path(labels)[0]}
+
+
 def selected_paths(config: ml_collections.ConfigDict, params: Any, chosen: list[str],
                    min_size: int) -> list[str]:
-  owners = {levels_lib.param_path(kp): name for kp, name in
-            jax.tree_util.tree_flatten_with_path(
-                levels_lib.label_params(_levels(config), params))[0]}
+  owners = level_owners(config, params)
   paths = ctree.select(params, lambda path: owners[path] in chosen, min_size=min_size)
   if not paths:
     raise UserError(f"Levels {chosen} own no floating-point tensor of at least "
@@ -278,12 +283,9 @@ def on_device(config: ml_collections.ConfigDict, abstract_params: Any) -> OnDevi
   if not 0 < c.escape_capacity <= 1:
     raise UserError(f"config.compression.escape_capacity={c.escape_capacity} must be a "
                     f"fraction of each tensor's weights in (0, 1], e.g. 0.01.")
-  levels = _levels(config)
-  labels = levels_lib.label_params(levels, abstract_params)
-  owner = {levels_lib.param_path(kp): name
-           for kp, name in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  paths = ctree.select(abstract_params, lambda p: owner[p] in s["levels"], min_size=s["min_size"])
+  owner = level_owners(config, abstract_params)
+  paths = selected_paths(config, abstract_params, s["levels"], s["min_size"])
   sizes = {path: math.prod(leaf.shape) for path, leaf in ctree.leaves_with_paths(abstract_params)}
   return OnDevice(owners={p: owner[p] for p in paths},
                   capacity={p: max(64, math.ceil(c.escape_capacity * sizes[p])) for p in paths},
-                  periods={level.name: level.period for level in levels})
+                  periods={level.name: level.period for level in _levels(config)})
