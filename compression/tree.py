@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import zlib
@@ -90,6 +89,11 @@ def select(params: Any, owner: Callable[[str], bool], *, min_size: int) -> list[
   return [path for path, leaf in leaves_with_paths(params)
           if owner(path) and jnp.issubdtype(leaf.dtype, jnp.floating)
           and math.prod(leaf.shape) >= min_size]
+
+
+def array_bytes(tree: Any) -> int:
+  """Bytes of every array (or ShapeDtypeStruct) in `tree`, compressed tensors' planes included."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def report(params: Any, tree: Any) -> list[dict[str, Any]]:

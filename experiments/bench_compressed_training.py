@@ -34,10 +34,6 @@ flags.DEFINE_integer("time_steps", 5, "Timed train steps of each variant; 0 = me
 FLAGS = flags.FLAGS
 
 
-def nbytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def step_memory(exp, on_device) -> dict[str, int]:
   shapes = state_lib.state_shapes(exp, on_device)
   batch = jax.ShapeDtypeStruct((exp.config.train.batch_size, exp.config.train.seq_len + 1),
@@ -77,8 +73,9 @@ def main(argv):
   for name, plan in (("dense", None), ("compressed", on_device)):
     shapes = state_lib.state_shapes(exp, plan)
     kept = {p: leaf for p, leaf in ctree.leaves_with_paths(shapes.params) if p in on_device.owners}
-    rows[name] = {"state": nbytes(shapes), "params": nbytes(shapes.params),
-                  "chosen": nbytes(kept), **step_memory(exp, plan)}
+    rows[name] = {"state": ctree.array_bytes(shapes),
+                  "params": ctree.array_bytes(shapes.params),
+                  "chosen": ctree.array_bytes(kept), **step_memory(exp, plan)}
     if FLAGS.time_steps:
       rows[name]["ms/step"] = 1e3 * seconds_per_step(exp, plan, FLAGS.time_steps)
   columns = ["chosen", "params", "state", "arguments", "outputs", "temporaries", "aliased"]

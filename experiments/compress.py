@@ -7,8 +7,9 @@ CMS level written once every few optimizer steps) — in tensors of at least
 
 Where: `<workdir>/compressed/step_<N>-<codec>[-<dtype>]/` (the format of compression/tree.py),
 with `report.md` (its rows are also in `manifest.json`'s metadata): bits per weight, bytes
-before and after, and the escape rate of every tensor. A directory is written once; a rerun with the same settings reports it again,
-one with other settings is refused rather than overwriting it.
+before and after, and the escape rate of every tensor. A directory is written once; a rerun
+with the same settings reports it again (without restoring the checkpoint), one with other
+settings is refused rather than overwriting it.
 
 With `config.compression.codec` set, `--mode=eval` and `--mode=generate` read the compressed
 copy of the latest checkpoint (`load_latest`); the model's apply (state.Experiment.apply)
@@ -30,10 +31,9 @@ import numpy as np
 import optax
 from absl import logging
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from compression import codecs, jit_encode, tree as ctree
-from experiments import checkpoint, mesh as mesh_lib, state as state_lib
+from experiments import checkpoint, state as state_lib
 from nested import levels as levels_lib
 from nested.errors import UserError
 
@@ -105,7 +105,7 @@ def directory(workdir: str, step: int, s: dict[str, Any]) -> str:
 
 
 def totals(rows: list[dict[str, Any]], params: Any) -> dict[str, Any]:
-  dense = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+  dense = ctree.array_bytes(params)
   before = sum(r["bytes_before"] for r in rows)
   after = sum(r["bytes_after"] for r in rows)
   weights = sum(int(np.prod(r["shape"])) for r in rows)
@@ -142,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise UserError("--mode=compress gathers the parameters on one host: run it as a single "
                     "process (without --distributed); the checkpoint restores onto any mesh.")
   exp = state_lib.build(config)
-  step, params = state_lib.restore_latest(exp, workdir)
+  mngr, step = state_lib.latest_step(exp, workdir)
   out = directory(workdir, step, s)
   if os.path.exists(out):
     meta = ctree.read_manifest(out)["metadata"]
@@ -152,7 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"that directory to write it again with the new settings.")
     logging.info("%s already holds this compressed checkpoint; its report:", out)
   else:
-    params = jax.device_get(params)
+    params = jax.device_get(
+        checkpoint.restore(mngr, step, state_lib.abstract_state(exp), workdir).params)
     paths = selected_paths(config, params, s["levels"], s["min_size"])
     logging.info("Compressing %d tensors of levels %s with codec %s...", len(paths),
                  s["levels"], s["codec"])
@@ -178,9 +179,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def load_latest(exp: state_lib.Experiment, workdir: str) -> tuple[int, Any, str]:
   """(step, compressed tree placed on the mesh, its directory) for the latest checkpoint."""
+  _, step = state_lib.latest_step(exp, workdir)
+  return (step, *load(exp, workdir, step))
+
+
+def load(exp: state_lib.Experiment, workdir: str, step: int) -> tuple[Any, str]:
+  """(compressed tree of checkpoint `step` placed on the mesh, its directory)."""
   s = settings(exp.config)
-  _, step, record = state_lib.latest_checkpoint(workdir)
-  checkpoint.check_compatible(record, exp.record, workdir)
   where = directory(workdir, step, s)
   if not os.path.isdir(where):
     raise UserError(f"No {s['codec']} compressed copy of step {step} in {workdir} "
@@ -192,17 +197,7 @@ def load_latest(exp: state_lib.Experiment, workdir: str) -> tuple[int, Any, str]
                     f"config asks for {s}. Pass the settings it was made with, or remove it "
                     f"and run --mode=compress again.")
   checkpoint.check_compatible(meta["record"], exp.record, where)
-  return step, place(tree, exp), where
-
-
-def place(tree: Any, exp: state_lib.Experiment) -> Any:
-  """Dense leaves by the mesh rules; compressed ones (small, decoded whole) replicated."""
-  shardings = mesh_lib.tree_shardings(exp.abstract_params, exp.mesh)
-  replicated = NamedSharding(exp.mesh, P())
-  return jax.tree.map(
-      lambda leaf, sharding: jax.device_put(leaf, replicated if ctree.is_compressed(leaf)
-                                            else sharding),
-      tree, shardings, is_leaf=ctree.is_compressed)
+  return jax.device_put(tree, state_lib.tree_shardings(tree, exp.mesh)), where
 
 
 
@@ -227,6 +222,11 @@ class OnDevice:
     return jax.tree_util.tree_map_with_path(
         lambda kp, leaf: fn(levels_lib.param_path(kp), leaf), tree, is_leaf=ctree.is_compressed)
 
+  def _encode(self, path: str, leaf) -> tuple[Any, jax.Array]:
+    """(the encoded leaf, whether its escapes overflowed their slots)."""
+    t, n = jit_encode.encode_exact(leaf, self.capacity[path])
+    return t, n > self.capacity[path]
+
   def compress(self, params) -> tuple[Any, jax.Array]:
     """(params with the chosen leaves encoded, number of leaves that overflowed); traceable."""
     overflow = []
@@ -234,8 +234,8 @@ class OnDevice:
     def encode(path, leaf):
       if path not in self.owners:
         return leaf
-      t, n = jit_encode.encode_exact(leaf, self.capacity[path])
-      overflow.append(n > self.capacity[path])
+      t, over = self._encode(path, leaf)
+      overflow.append(over)
       return t
 
     tree = self._map(encode, params)
@@ -251,12 +251,8 @@ class OnDevice:
       if path not in self.owners:
         return leaf
       kept = old_leaves[path]
-
-      def encode():
-        t, n = jit_encode.encode_exact(leaf, self.capacity[path])
-        return t, n > self.capacity[path]
-
-      t, over = lax.cond(fired[self.owners[path]], encode, lambda: (kept, jnp.bool_(False)))
+      t, over = lax.cond(fired[self.owners[path]], lambda: self._encode(path, leaf),
+                         lambda: (kept, jnp.bool_(False)))
       overflow.append(over)
       return t
 

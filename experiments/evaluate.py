@@ -81,7 +81,7 @@ def compare_compressed(exp: state_lib.Experiment, workdir: str) -> dict[str, Any
   checkpoint: both validation losses, and whether the logits of the first validation batch
   are bitwise identical."""
   step, params = state_lib.restore_latest(exp, workdir)
-  _, tree, where = compress.load_latest(exp, workdir)
+  tree, where = compress.load(exp, workdir, step)
   dense, compressed = evaluate(exp, params), evaluate(exp, tree)
   first = mesh_lib.put_batch(next(iter(validation_batches(exp))), exp.mesh)[:, :-1]
   logits = jax.jit(mesh_lib.with_rules(exp.apply, exp.mesh))

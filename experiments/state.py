@@ -122,17 +122,22 @@ def state_shapes(exp: Experiment, on_device: Any = None) -> TrainState:
   return jax.eval_shape(shapes, exp.abstract_params)
 
 
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Shardings for a tree of parameters (or train state) that may hold compressed tensors:
+  arrays by the mesh rules (experiments/mesh.py), compressed tensors (decoded whole, just in
+  time) replicated."""
+  by_rule = mesh_lib.tree_shardings(tree, mesh)
+  replicated = mesh_lib.replicated(mesh)
+  return jax.tree.map(
+      lambda leaf, sharding: (jax.tree.map(lambda _: replicated, leaf)
+                              if ctree.is_compressed(leaf) else sharding),
+      tree, by_rule, is_leaf=ctree.is_compressed)
+
+
 def state_shardings(exp: Experiment, shapes: TrainState | None = None) -> TrainState:
   """Where every leaf of the train state lives: parameters and their optimizer-state
-  twins by the mesh rules (experiments/mesh.py), scalars and compressed tensors (decoded
-  whole, just in time) replicated."""
-  shapes = state_shapes(exp) if shapes is None else shapes
-  by_rule = mesh_lib.tree_shardings(shapes, exp.mesh)
-  replicated = mesh_lib.replicated(exp.mesh)
-  return jax.tree.map(
-      lambda shape, sharding: (jax.tree.map(lambda _: replicated, shape)
-                               if ctree.is_compressed(shape) else sharding),
-      shapes, by_rule, is_leaf=ctree.is_compressed)
+  twins by the mesh rules, scalars and compressed tensors replicated."""
+  return tree_shardings(state_shapes(exp) if shapes is None else shapes, exp.mesh)
 
 
 def init_state(exp: Experiment) -> TrainState:
@@ -164,10 +169,16 @@ def latest_checkpoint(workdir: str):
   return mngr, *latest
 
 
+def latest_step(exp: Experiment, workdir: str):
+  """(read-only manager, step) of the workdir's latest checkpoint; a UserError when there is
+  none or it holds another model."""
+  mngr, step, record = latest_checkpoint(workdir)
+  checkpoint.check_compatible(record, exp.record, workdir)
+  return mngr, step
+
+
 def restore_latest(exp: Experiment, workdir: str) -> tuple[int, Any]:
   """(step, params) of the workdir's latest checkpoint; a UserError when there is none or it
   holds another model."""
-  mngr, step, record = latest_checkpoint(workdir)
-  checkpoint.check_compatible(record, exp.record, workdir)
-  state = checkpoint.restore(mngr, step, abstract_state(exp), workdir)
-  return step, state.params
+  mngr, step = latest_step(exp, workdir)
+  return step, checkpoint.restore(mngr, step, abstract_state(exp), workdir).params
