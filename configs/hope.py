@@ -11,13 +11,18 @@ The SPEC §3 switches (the paper's ablations), all under config.model:
   cms_objective   "teach" (next-token loss on the chunk) | "local_l2"
   write_gradient  True (BPTT through in-context writes) | False (stop-gradient writes)
   cms_second_order  False (the CMS inner gradient is data to the outer loss) | True (~3x)
-  inner_momentum  0.0 (off) | e.g. 0.9
+  mem_momentum    0.0 (off) | e.g. 0.9: momentum of the memories' gradient term
+  cms_momentum    0.0 (off) | e.g. 0.9: SGD momentum of the in-context CMS levels
   dgd             True | False (plain gradient step, no −η k kᵀ term)
   weight_decay    True | False (α_t = 1)
   adaptive_q      False (q = x W_q) | True (q from a self-modifying memory M_q)
+  conv            "after" (conv of q, k, v after the projections, SPEC §2) | "before" (of x)
   cms_periods / cms_hidden  "16,64,8192" / "96,96,64": number of CMS levels and periods
   chunk_size, mem_chunk_size, gen_chunk_size: the model's scan step and the memories' chunks
-  cms_lr (0 = plain MLPs), eta_scale (bound of η_t), inner_clip (0 = off)
+  mem_hidden / gen_hidden: hidden width of M_mem (per head) / of each full-width generator
+  cms_lr (0 = plain MLPs), eta_max (η_t = eta_max · sigmoid(·)), inner_clip (0 = off)
+  memory_writes   True | False (memories and in-context CMS levels frozen: the memory-off control)
+  remat           "chunk" | "nested" | "none": what the backward pass keeps of the chunk scan
 """
 
 import ml_collections
@@ -26,13 +31,13 @@ from configs import base, transformer
 
 # HOPE-only model fields per preset; dimensions come from the Transformer++ preset.
 PRESETS = {
-    "tiny": dict(cms_hidden="96,96,64", mem_hidden=64, chunk_size=16, mem_chunk_size=16,
-                 gen_chunk_size=16, cms_fast_periods="16,64"),
-    "small": dict(cms_hidden="1280,1280,1088", mem_hidden=128, chunk_size=64,
+    "tiny": dict(cms_hidden="96,96,64", mem_hidden=64, gen_hidden=64, chunk_size=16,
+                 mem_chunk_size=16, gen_chunk_size=16, cms_fast_periods="16,64"),
+    "small": dict(cms_hidden="1280,1280,1088", mem_hidden=128, gen_hidden=128, chunk_size=64,
                   mem_chunk_size=64, gen_chunk_size=32, cms_fast_periods="64,512"),
-    "760m": dict(cms_hidden="1536,1536,1408", mem_hidden=192, chunk_size=64,
+    "760m": dict(cms_hidden="1536,1536,1408", mem_hidden=192, gen_hidden=192, chunk_size=64,
                  mem_chunk_size=64, gen_chunk_size=32, cms_fast_periods="64,1024"),
-    "1p3b": dict(cms_hidden="2048,1920,1920", mem_hidden=256, chunk_size=64,
+    "1p3b": dict(cms_hidden="2048,1920,1920", mem_hidden=256, gen_hidden=256, chunk_size=64,
                  mem_chunk_size=64, gen_chunk_size=32, cms_fast_periods="64,1024"),
 }
 SLOW_LEVEL_STEPS = 4  # the slowest CMS level updates once every this many optimizer steps
@@ -47,9 +52,10 @@ def hope_config(preset: str, *, name: str, mixer_fields: dict) -> ml_collections
   slow_period = SLOW_LEVEL_STEPS * c.train.batch_size * c.train.seq_len
   c.model = ml_collections.ConfigDict(dict(
       name=name, cms_periods=f"{fast_periods},{slow_period}", context=c.train.seq_len,
-      cms_objective="teach", cms_lr=1e-2, write_gradient=True, cms_second_order=False,
-      inner_momentum=0.0,
-      tie_embeddings=False, dtype=c.model.dtype, **dims, **fields))
+      cms_objective="teach", cms_lr=1e-2, cms_momentum=0.0, write_gradient=True,
+      cms_second_order=False, memory_writes=True, remat="chunk", tie_embeddings=False,
+      dtype=c.model.dtype,
+      **dims, **fields))
   # The slowest CMS level (period > context): a training-time level, period in tokens.
   c.levels = ml_collections.ConfigDict()
   c.levels.cms_slow = base.level(r"/cms/2/", period=slow_period, optimizer=base.adamw())
@@ -61,6 +67,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for configs/hope.py; choose one of "
                      f"{sorted(PRESETS)}, e.g. configs/hope.py:tiny")
-  fields = dict(PRESETS[preset], dgd=True, weight_decay=True, adaptive_q=False, eta_scale=0.1,
-                inner_clip=1.0, conv_width=4, rope_theta=10_000.0)
+  fields = dict(PRESETS[preset], dgd=True, weight_decay=True, adaptive_q=False, mem_momentum=0.0,
+                eta_max=1.0, inner_clip=1.0, conv="after", conv_width=4, rope_theta=10_000.0)
   return hope_config(preset, name="hope", mixer_fields=fields)

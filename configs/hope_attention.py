@@ -3,8 +3,9 @@
 HOPE with causal softmax attention (RoPE) as the sequence mixer, followed by the same
 3-level CMS as configs/hope.py (levels 1–2 learn in context, level 3 is a training-time
 level). Sized within ±10% of the Transformer++ preset of the same name; the CMS switches
-(cms_objective, write_gradient, inner_momentum, cms_periods, cms_hidden, cms_lr) are those
-of configs/hope.py. The attention cache holds `model.context` tokens when streaming.
+(cms_objective, write_gradient, cms_momentum, cms_periods, cms_hidden, cms_lr, memory_writes)
+are those of configs/hope.py. The attention cache holds `model.context` tokens when streaming,
+or `model.attention_window` tokens (sliding-window attention, also in training) when set.
 """
 
 import ml_collections
@@ -23,5 +24,5 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for configs/hope_attention.py; choose one of "
                      f"{sorted(PRESETS)}, e.g. configs/hope_attention.py:tiny")
-  fields = dict(PRESETS[preset], mixer="attention", rope_theta=10_000.0)
+  fields = dict(PRESETS[preset], mixer="attention", attention_window=0, rope_theta=10_000.0)
   return hope.hope_config(preset, name="hope_attention", mixer_fields=fields)

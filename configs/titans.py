@@ -4,7 +4,9 @@ Same presets as configs/transformer.py — dimensions, context, batch, schedule 
 with the attention replaced by the long-term memory (SPEC §2) and the SwiGLU width lowered
 so each preset's parameter count is within ±10% of the Transformer++ preset of that name.
 Memory switches: model.chunk_size, model.mem_hidden, model.theta_scale (bound of the step
-size), model.inner_clip (0 = off), model.write_gradient (False = stop-gradient writes).
+size), model.inner_clip (0 = off), model.write_gradient (False = stop-gradient writes),
+model.memory_writes (False = the memory never changes: the memory-off control),
+model.remat ("chunk" | "nested" | "none": what the backward pass keeps of the chunk scan).
 """
 
 import ml_collections
@@ -27,7 +29,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = transformer.get_config(preset)
   dims = {k: c.model[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads")}
   c.model = ml_collections.ConfigDict(dict(
-      name="titans", theta_scale=0.1, inner_clip=1.0, write_gradient=True, conv_width=4,
+      name="titans", theta_scale=0.1, inner_clip=1.0, write_gradient=True, memory_writes=True,
+      remat="chunk", conv_width=4,
       tie_embeddings=False, dtype=c.model.dtype, **dims, **PRESETS[preset]))
   return c
 

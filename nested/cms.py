@@ -24,12 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from nested import levels
-
-
-def rms_norm(scale: jax.Array, x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * scale).astype(
-      x.dtype)
+from nested.layers import rms_norm
 
 
 def swiglu(w: dict, x: jax.Array) -> jax.Array:

@@ -54,17 +54,22 @@ def linear(d_in: int, d_out: int, *, stddev: float, dtype, rngs: nnx.Rngs) -> nn
       kernel_init=dense_init(stddev), rngs=rngs)
 
 
+def rms_norm(scale: jax.Array, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """`x / rms(x) * scale` over the last axis, computed in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps) * scale).astype(
+      x.dtype)
+
+
 class RMSNorm(nnx.Module):
-  """`x / rms(x) * scale`, computed in float32 whatever the input dtype."""
+  """`rms_norm` with a learned scale."""
 
   def __init__(self, dim: int, *, eps: float = 1e-6):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (normed * self.scale[...]).astype(x.dtype)
+    return rms_norm(self.scale[...], x, self.eps)
 
 
 def rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
@@ -153,3 +158,39 @@ def causal_depthwise_conv(x: jax.Array, kernel: jax.Array,
   length = x.shape[1]
   y = sum(padded[:, j:j + length] * kernel[j].astype(x.dtype) for j in range(width))
   return y, padded[:, padded.shape[1] - (width - 1):]
+
+
+def split_heads(x: jax.Array, n_heads: int) -> jax.Array:
+  """[B, T, D] → [B, H, T, D/H]."""
+  b, t, d = x.shape
+  return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """[B, H, T, D/H] → [B, T, D]."""
+  b, h, t, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def conv_kernel(width: int, dim: int) -> nnx.Param:
+  """A causal depthwise conv kernel [width, dim] that starts as the identity (last tap 1):
+  it learns how much local context to mix in."""
+  return nnx.Param(jnp.zeros((width, dim), jnp.float32).at[-1].set(1.0))
+
+
+def kernel_matmul(p: dict, x: jax.Array) -> jax.Array:
+  """x @ W for the pure-dict params of an `nnx.Linear` ({"kernel": [in, out]}), in x's dtype."""
+  return x @ p["kernel"].astype(x.dtype)
+
+
+class MemoryInit(nnx.Module):
+  """The learned initial state of an MLP memory (nested/memory.py) of width `dim` and hidden
+  width `hidden`: W_in [*lead, dim, hidden], W_out [*lead, hidden, dim] (lead = (heads,)
+  for one memory per head, () for one full-width memory)."""
+
+  def __init__(self, lead: tuple, dim: int, hidden: int, *, out_stddev: float = 0.02,
+               rngs: nnx.Rngs):
+    normal = lambda shape, std: nnx.Param(std * jax.random.normal(rngs.params(), shape,
+                                                                   jnp.float32))
+    self.w_in = normal((*lead, dim, hidden), 1.0 / math.sqrt(dim))
+    self.w_out = normal((*lead, hidden, dim), out_stddev)

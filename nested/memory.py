@@ -1,39 +1,48 @@
-"""Associative memories and their in-context update rules (SPEC §2), chunk-parallel.
+"""Associative memories and their in-context write rules, chunk-parallel and exact (SPEC §2).
 
-A memory is a residual 2-layer MLP over one head's d-dim vectors,
+A memory is a residual 2-layer MLP,
 
-  M(z) = z + silu(z W_in) W_out,      W_in ∈ R^{d×h}, W_out ∈ R^{h×d}   (kernels are [in, out]),
+  M(z) = z + silu(z W_in) W_out,      W_in ∈ R^{n×h}, W_out ∈ R^{h×n}   (kernels are [in, out]),
 
-written in context to store key → value pairs with the per-token loss ℓ_t(W) = ‖M(k_t) − v_t‖².
+written in context to store key → target pairs with the per-token loss ℓ_t(W) = ‖M(k_t) − v_t‖².
 
-Chunk-parallel semantics (SPEC §2, "chunk-parallel training"). A sequence is split into
-chunks of C tokens. Inside a chunk every read and every inner gradient uses the state W_0
-at the end of the previous chunk; the chunk's tokens enter the write only through additive
-statistics (a weighted gradient sum, a sum of log-retentions, a weighted Gram matrix), so
-a chunk is one batched computation and only the chunk-to-chunk recurrence is sequential.
-With C = 1 every rule below is exactly its token-by-token recurrence.
+**The token rule.** Every memory here is written by one recurrence, per token t,
 
-Each write rule is an optax transform (`titans_rule`, `dgd_rule`): `update(G, state, W,
-**chunk_scalars)` maps the chunk's weighted gradient to the update of W, its state holds
-the inner momentum, and inner-gradient clipping is chained in front. The rules act on one
-memory; `jax.vmap` them over batch and heads.
+  S_t = b_t S_{t−1} − s_t ∇ℓ_t                            (momentum; without it S_t = −s_t ∇ℓ_t)
+  W_t = a_t W_{t−1} − e_t k_t k_tᵀ W_{t−1} + S_t           (the erase term only on W_in)
+
+with s_t the step (clipped per token to `clip_norm`), a_t the retention, b_t the momentum
+decay and e_t the erase strength. Titans (LMM): a = 1 − α, b = β, s = θ, no erase.
+HOPE's DGD: a = α, e = η, s = η, so W_in ← (αI − η k kᵀ) W_in − η ∇ℓ (SPEC §2); its
+momentum ablation adds a constant b = μ on the gradient term only, outside decay and erase.
+
+**Chunk-parallel training** (SPEC §2; Titans §3.2). In a chunk of C tokens every read and
+every inner gradient uses the state W_0 at the end of the previous chunk; only the
+gradients are frozen there — retention, momentum and erase stay per token. Each token's
+gradient is an outer product (∇_{W_in} ℓ_t = k_t δ_tᵀ, ∇_{W_out} ℓ_t = a_t e_tᵀ), so the C
+steps of the recurrence collapse to C×C matrices of scalar decay products (cumulative
+log-sums, every exponent ≤ 0) and, for the erase, one unit-lower-triangular solve (the UT
+form of Π(I − β k kᵀ) used by chunkwise DeltaNet / Gated DeltaNet): see `decayed_write`.
+The chunk form equals the token recurrence with chunk-start gradients; the chunk size is
+a speed knob, and C = 1 is the plain token recurrence. The write rules are pure functions
+of one memory; `batched` vmaps them over batch and heads.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from nested import layers
 
-Memory = dict  # {"w_in": [d, h], "w_out": [h, d]}
+Memory = dict  # {"w_in": [n, h], "w_out": [h, n]}
 
 
 def mlp_memory(w: Memory, z: jax.Array) -> jax.Array:
-  """M(z) = z + silu(z W_in) W_out for z [..., d]."""
+  """M(z) = z + silu(z W_in) W_out for z [..., n]."""
   return z + jax.nn.silu(z @ w["w_in"]) @ w["w_out"]
 
 
@@ -41,98 +50,206 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def token_losses(w: Memory, keys: jax.Array, targets: jax.Array) -> jax.Array:
-  """ℓ_t = ‖M(k_t) − v_t‖² for keys, targets [C, d]; returns [C]."""
-  return jnp.sum(jnp.square(mlp_memory(w, keys) - targets), axis=-1)
+class TokenGradients(NamedTuple):
+  """∇ℓ_t for each token of a chunk as outer products: ∇_{W_in} = keys_t ⊗ d_pre_t,
+  ∇_{W_out} = hidden_t ⊗ d_out_t; `sq_norm` = ‖∇ℓ_t‖² over both layers."""
+  d_pre: jax.Array      # [C, h]
+  hidden: jax.Array     # [C, h] silu(k W_in)
+  d_out: jax.Array      # [C, n] 2 (M(k) − v)
+  sq_norm: jax.Array    # [C]
 
 
-def weighted_gradient(w: Memory, keys: jax.Array, targets: jax.Array,
-                      weights: jax.Array) -> Memory:
-  """G = Σ_t w_t ∇_W ℓ_t(W) at one state W, in one backward pass (a VJP with cotangent w).
+def token_gradients(w: Memory, keys: jax.Array, targets: jax.Array) -> TokenGradients:
+  """The gradient of ℓ_t = ‖M(k_t) − v_t‖² at W for every token (keys, targets [C, n]).
 
-  The targets are constants of the inner objective (the outer gradient may still flow
-  through them: they are closed over, not stop-gradiented).
+  Written out rather than taken by autodiff because the rule needs each token's gradient
+  as factors (and its norm, for per-token clipping), never as a [C, n, h] tensor. The
+  targets are constants of the inner loss; the outer gradient still flows through them.
   """
-  _, vjp = jax.vjp(lambda m: token_losses(m, keys, targets), w)
-  return vjp(weights.astype(keys.dtype))[0]
+  pre = keys @ w["w_in"]
+  sig = jax.nn.sigmoid(pre)
+  hidden = pre * sig
+  d_out = 2.0 * (keys + hidden @ w["w_out"] - targets)
+  d_pre = (d_out @ w["w_out"].T) * sig * (1.0 + pre * (1.0 - sig))   # silu'(pre)
+  sq = lambda x: jnp.sum(x * x, axis=-1)
+  return TokenGradients(d_pre, hidden, d_out, sq(keys) * sq(d_pre) + sq(hidden) * sq(d_out))
 
 
-def clip_inner_gradient(max_norm: float) -> optax.GradientTransformation:
-  """Clips each memory's inner gradient to global norm `max_norm` (0 = off).
+def clipped_step(step: jax.Array, sq_norm: jax.Array, max_norm: float) -> jax.Array:
+  """s_t scaled so that each token's step s_t ∇ℓ_t has norm ≤ max_norm (0 = off).
 
-  Unbounded inner steps are a known failure of Titans at long context (SPEC §3, stability).
+  Unbounded inner steps are a known failure of Titans at long context (SPEC §3).
   """
-  return optax.clip_by_global_norm(max_norm) if max_norm > 0 else optax.identity()
+  if max_norm <= 0:
+    return step
+  norm = step * jnp.sqrt(sq_norm)
+  return step * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
 
 
-class MomentumState(NamedTuple):
-  momentum: Any  # S, like the memory's weights
+def _masked_exp(diff: jax.Array, mask: jax.Array) -> jax.Array:
+  # The inner `where` keeps exp away from the (positive) exponents outside the mask, so
+  # neither the value nor its gradient ever sees an inf.
+  return jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0.0)), 0.0)
 
 
-def _zeros_like(tree):
-  return jax.tree.map(jnp.zeros_like, tree)
+def _shift_down(x: jax.Array) -> jax.Array:
+  """Row t of the result is row t − 1 of x (zeros for t = 0): "the state before token t"."""
+  return jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]], axis=0)
 
 
-def titans_rule(*, clip_norm: float) -> optax.GradientTransformationExtraArgs:
-  """Titans' (LMM) write with momentum and forgetting, on one chunk (SPEC §2, Titans).
+def unit_lower_inverse(m: jax.Array) -> jax.Array:
+  """The inverse of a unit lower-triangular matrix [n, n], by block forward substitution.
 
-  Token form (Titans' naming: θ step size, β momentum decay, α forget gate):
-    S_t = β_t S_{t−1} − θ_t ∇ℓ_t(M_{t−1}),     M_t = (1 − α_t) M_{t−1} + S_t.
-  Chunk form, gradients at the chunk-start state M_0:
-    S = B S_prev − G,  M = A M_0 + S,   G = Σ_t θ_t ∇ℓ_t(M_0), B = Π_t β_t, A = Π_t (1 − α_t).
-
-  `update(G, state, M, *, momentum_decay=B, retention=A)` returns M_new − M_0.
+  Pairs of diagonal blocks are merged log2(n) times, inv([[A, 0], [B, D]]) =
+  [[A⁻¹, 0], [−D⁻¹ B A⁻¹, D⁻¹]], as batched matmuls: no LAPACK call (XLA:CPU's triangular
+  solve goes through it, and hung once inside a scan here) and tensor-core friendly.
   """
+  n = m.shape[-1]
+  size = 1 << max(n - 1, 0).bit_length()              # next power of two
+  m = jnp.pad(m, ((0, size - n), (0, size - n))) + jnp.diag(
+      (jnp.arange(size) >= n).astype(m.dtype))        # identity in the padding
+  inv = jnp.ones((size, 1, 1), m.dtype)                # the 1×1 diagonal blocks' inverses
+  block = 1
+  while block < size:
+    pairs = size // (2 * block)
+    diag = jnp.diagonal(m.reshape(pairs, 2 * block, pairs, 2 * block), axis1=0, axis2=2)
+    lower = jnp.moveaxis(diag, -1, 0)[:, block:, :block]          # B of each pair
+    a, d = inv[0::2], inv[1::2]
+    zeros = jnp.zeros_like(a)
+    inv = jnp.concatenate([jnp.concatenate([a, zeros], axis=2),
+                           jnp.concatenate([-d @ lower @ a, d], axis=2)], axis=1)
+    block *= 2
+  return inv[0, :n, :n]
 
-  def init_fn(params):
-    return MomentumState(_zeros_like(params))
 
-  def update_fn(grads, state, params=None, *, momentum_decay, retention, **_):
-    momentum = jax.tree.map(lambda s, g: momentum_decay * s - g, state.momentum, grads)
-    updates = jax.tree.map(lambda w, s: (retention - 1.0) * w + s, params, momentum)
-    return updates, MomentumState(momentum)
+class Decay(NamedTuple):
+  """A chunk's scalar decay products, shared by every matrix written with the same gates.
 
-  return optax.chain(clip_inner_gradient(clip_norm),
-                     optax.GradientTransformationExtraArgs(init_fn, update_fn))
-
-
-def dgd_rule(*, clip_norm: float, momentum: float = 0.0) -> optax.GradientTransformationExtraArgs:
-  """HOPE's self-modifying write: Delta Gradient Descent with weight decay (SPEC §2–3).
-
-  Token form (column convention of SPEC): M_t = M_{t−1} (α_t I − η_t k_t k_tᵀ) − η_t ∇ℓ_t.
-  For an MLP memory the (α I − η k kᵀ) factor right-multiplies the layer that consumes k
-  (W_in; a left factor in our [in, out] kernels) and the other layer gets the plain α decay
-  (SPEC §3). Chunk form, at the chunk-start state:
-    Δ_in  = (A − 1) W_in − K W_in − G_in,      Δ_out = (A − 1) W_out − G_out,
-    G = Σ_t η_t ∇ℓ_t(W_0),  K = Σ_t η_t k_t k_tᵀ,  A = Π_t α_t.
-  With `momentum` = μ > 0 the write is S ← μ S + Δ, W ← W + S (the "momentum" ablation);
-  μ = 0 applies Δ directly. Switching the DGD term off is K = 0; weight decay off is A = 1.
-
-  `update(G, state, W, *, retention=A, gram=K)` returns the update of W.
+  With Γ_t = Σ_{r≤t} log a_r and Λ_t = Σ_{r≤t} log b_r (t = 0..C−1):
+    retain[t, s] = exp(Γ_t − Γ_s)                  (t ≥ s): W's own retention from s to t;
+    reach[t, j]  = Σ_{j≤s≤t} retain[t, s] exp(Λ_s − Λ_j): the weight with which the step
+                   made at j is in W_t (= retain without momentum);
+    reach_s0[t]  = Σ_{s≤t} retain[t, s] exp(Λ_s): the weight of the carried momentum S_{−1}.
+  Every exponent is ≤ 0, so nothing overflows whatever the gates.
   """
-
-  def init_fn(params):
-    return MomentumState(_zeros_like(params) if momentum else ())
-
-  def update_fn(grads, state, params=None, *, retention, gram, **_):
-    delta = {
-        "w_in": (retention - 1.0) * params["w_in"] - gram @ params["w_in"] - grads["w_in"],
-        "w_out": (retention - 1.0) * params["w_out"] - grads["w_out"],
-    }
-    if not momentum:
-      return delta, state
-    velocity = jax.tree.map(lambda s, d: momentum * s + d, state.momentum, delta)
-    return velocity, MomentumState(velocity)
-
-  return optax.chain(clip_inner_gradient(clip_norm),
-                     optax.GradientTransformationExtraArgs(init_fn, update_fn))
+  gamma: jax.Array               # [C] Γ
+  lam: jax.Array | None          # [C] Λ; None without momentum
+  retain: jax.Array              # [C, C]
+  reach: jax.Array               # [C, C]
+  reach_s0: jax.Array | None     # [C]
 
 
-def batched(fn, n: int = 2):
-  """vmaps `fn` over `n` leading axes (batch, heads) of every argument."""
+def chunk_decay(log_retention: jax.Array, log_momentum: jax.Array | None) -> Decay:
+  c = log_retention.shape[0]
+  causal = jnp.tril(jnp.ones((c, c), bool))
+  gamma = jnp.cumsum(log_retention)
+  retain = _masked_exp(gamma[:, None] - gamma[None, :], causal)
+  if log_momentum is None:
+    return Decay(gamma, None, retain, retain, None)
+  lam = jnp.cumsum(log_momentum)
+  carry = _masked_exp(lam[:, None] - lam[None, :], causal)
+  return Decay(gamma, lam, retain, retain @ carry, retain @ jnp.exp(lam))
+
+
+class Erase(NamedTuple):
+  """The erase −e_t x_t x_tᵀ W_{t−1} of a chunk, shared by the matrices whose rows are x."""
+  gram: jax.Array                # [C, C] X Xᵀ
+  solve: jax.Array               # [C, C] (I + diag(e) (retain' ⊙ X Xᵀ))⁻¹ diag(e)
+
+
+def chunk_erase(decay: Decay, rows: jax.Array, erase: jax.Array) -> Erase:
+  """With u_t = e_t W_{t−1}ᵀ x_t the erase makes W_t = (no-erase W_t) − Σ_{j≤t} retain[t, j]
+  x_j u_jᵀ; expanding W_{t−1} gives the unit lower-triangular system
+  (I + diag(e) (retain' ⊙ X Xᵀ)) U = diag(e) R, retain' = retain shifted one token down
+  (the UT transform of chunkwise (Gated) DeltaNet)."""
+  gram = rows @ rows.T
+  system = jnp.eye(rows.shape[0], dtype=rows.dtype) + erase[:, None] * (
+      _shift_down(decay.retain) * gram)
+  return Erase(gram, unit_lower_inverse(system) * erase[None, :])
+
+
+def decayed_write(w0: jax.Array, s0: jax.Array | None, rows: jax.Array, grads: jax.Array,
+                  decay: Decay, erase: Erase | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """C tokens of the memory recurrence for one matrix, in closed form.
+
+  Token t = 0..C−1 adds the rank-1 step x_t g_tᵀ (rows x [C, n], grads g [C, m]):
+    S_t = b_t S_{t−1} − x_t g_tᵀ                     (S_t = −x_t g_tᵀ without momentum)
+    W_t = a_t W_{t−1} − e_t x_t x_tᵀ W_{t−1} + S_t   (no middle term without erase)
+  so W_{C−1} = exp(Γ) W_0 + reach_s0 S_{−1} − Xᵀ (reach[−1] ⊙ G) − Xᵀ (retain[−1] ⊙ U), U
+  from `chunk_erase` with R_t = exp(Γ_{t−1}) x_tᵀ W_0 + reach_s0_{t−1} x_tᵀ S_{−1} −
+  Σ_{j<t} reach[t−1, j] (x_t·x_j) g_j.
+
+  Args:
+    w0: W_{−1} [n, m], the state at the chunk start; s0: S_{−1} (None without momentum).
+    rows, grads: [C, n], [C, m]; decay: `chunk_decay`; erase: `chunk_erase` of these rows.
+
+  Returns:
+    (W_{C−1}, S_{C−1}) — S is None without momentum.
+  """
+  out = jnp.exp(decay.gamma[-1]) * w0 - rows.T @ (decay.reach[-1][:, None] * grads)
+  if s0 is not None:
+    out = out + decay.reach_s0[-1] * s0
+  if erase is not None:
+    before = _shift_down                                   # the state before token t
+    rhs = jnp.exp(before(decay.gamma))[:, None] * (rows @ w0) - (
+        before(decay.reach) * erase.gram) @ grads
+    if s0 is not None:
+      rhs = rhs + before(decay.reach_s0)[:, None] * (rows @ s0)
+    out = out - rows.T @ (decay.retain[-1][:, None] * (erase.solve @ rhs))
+  if s0 is None:
+    return out, None
+  lam = decay.lam
+  return out, jnp.exp(lam[-1]) * s0 - rows.T @ (jnp.exp(lam[-1] - lam)[:, None] * grads)
+
+
+class Gates(NamedTuple):
+  """Per-token coefficients of one memory's writes over a chunk, each [C] (or None)."""
+  step: jax.Array                   # s_t, before clipping
+  log_retention: jax.Array          # log a_t
+  log_momentum: jax.Array | None    # log b_t; None = no momentum
+  erase: jax.Array | None           # e_t on W_in; None = no erase term
+
+
+def write_chunk(memory: Memory, momentum: Memory | None, keys: jax.Array, targets: jax.Array,
+                gates: Gates, *, clip_norm: float,
+                bank: bool = False) -> tuple[Memory, Memory | None]:
+  """One chunk's writes of one memory (module docstring), gradients at the chunk start.
+
+  Args:
+    memory: W_0 {"w_in", "w_out"}; momentum: S_0 like it, or None without momentum.
+    keys, targets: [C, n].
+    gates: the chunk's per-token coefficients.
+    clip_norm: bound on each token's ‖s_t ∇ℓ_t‖ (0 = off).
+    bank: `memory`, `momentum` and `targets` have a leading axis of M memories written with
+      the same keys and gates (their decay products and erase solve are computed once).
+
+  Returns:
+    (memory, momentum) after the chunk.
+  """
+  decay = chunk_decay(gates.log_retention, gates.log_momentum)
+  erase = None if gates.erase is None else chunk_erase(decay, keys, gates.erase)
+
+  def one(w, s, targets):
+    g = token_gradients(w, keys, targets)
+    step = clipped_step(gates.step, g.sq_norm, clip_norm)[:, None]
+    s0 = (lambda name: None) if s is None else (lambda name: s[name])
+    w_in, s_in = decayed_write(w["w_in"], s0("w_in"), keys, step * g.d_pre, decay, erase)
+    w_out, s_out = decayed_write(w["w_out"], s0("w_out"), g.hidden, step * g.d_out, decay)
+    return {"w_in": w_in, "w_out": w_out}, (None if s is None else {"w_in": s_in, "w_out": s_out})
+
+  return jax.vmap(one)(memory, momentum, targets) if bank else one(memory, momentum, targets)
+
+
+def batched(fn: Callable, n: int = 2) -> Callable:
+  """vmaps `fn` over `n` leading axes (e.g. batch, heads) of every argument."""
   for _ in range(n):
     fn = jax.vmap(fn)
   return fn
+
+
+def broadcast_initial(initial: Any, batch: int) -> Any:
+  """Every sequence starts from the learned (meta-learned, SPEC §2) initial state."""
+  return jax.tree.map(lambda w: jnp.broadcast_to(w, (batch, *w.shape)), initial)
 
 
 def chunks(x: jax.Array, size: int, axis: int) -> jax.Array:
@@ -152,169 +269,100 @@ def unchunk(x: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(x, 0, axis)
 
 
+REMAT = ("chunk", "nested", "none")
+
+
+def _group_size(n: int) -> int:
+  """The divisor of n closest to √n: groups of that many chunks, that many groups."""
+  return min((g for g in range(1, n + 1) if n % g == 0), key=lambda g: abs(g - math.sqrt(n)))
+
+
+def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
+                remat: str, write_gradient: bool = True) -> tuple[Any, Any]:
+  """`lax.scan` of `step(carry, chunk_xs) -> (carry, ys)` over chunks of `chunk` along `axis`.
+
+  remat (what the backward pass keeps of the N chunk steps):
+    "chunk"   each step `jax.checkpoint`-ed: N carries, one step's activations at a time;
+    "nested"  groups of g ≈ √N checkpointed steps, each group checkpointed: N/g + g carries,
+              for one more forward pass (the two-level checkpointing of Chen et al. 2016);
+    "none"    nothing recomputed: every step's activations kept (fastest, largest); also
+              the choice inside a step that is itself checkpointed, where a second
+              checkpoint would run its forward a third time.
+  write_gradient: False stops the outer gradient at every write (SPEC §3 alternative).
+  """
+  if remat not in REMAT:
+    raise ValueError(f"remat={remat!r}; choose one of {REMAT}")
+
+  def body(carry, xs):
+    # The in-context state, pinned on both sides of the step so that its placement is the
+    # mesh's rule rather than whatever propagation finds.
+    new, ys = step(layers.place(carry), xs)
+    new = layers.place(new)
+    return (new if write_gradient else jax.lax.stop_gradient(new)), ys
+
+  xs = jax.tree.map(lambda x: chunks(x, chunk, axis), xs)
+  if remat == "nested":
+    n = jax.tree.leaves(xs)[0].shape[0]
+    group = _group_size(n)
+    grouped = jax.tree.map(lambda x: x.reshape(n // group, group, *x.shape[1:]), xs)
+
+    @jax.checkpoint
+    def group_body(carry, xs):
+      return jax.lax.scan(jax.checkpoint(body), carry, xs)
+
+    carry, ys = jax.lax.scan(group_body, carry, grouped)
+    ys = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
+  else:
+    carry, ys = jax.lax.scan(jax.checkpoint(body) if remat == "chunk" else body, carry, xs)
+  return carry, jax.tree.map(lambda y: unchunk(y, axis), ys)
+
+
 # ----------------------------------------------------------------------------- Titans (LMM)
 
 
 class TitansState(NamedTuple):
   memory: Memory            # [B, H, ...] per sequence and head
-  rule: Any                 # the rule's optax state (momentum), batched like `memory`
+  momentum: Memory          # S, like `memory`
 
 
-def titans_init_state(initial: Memory, batch: int, *, clip_norm: float) -> TitansState:
-  """Every sequence starts from the learned initial memory (heads stacked on axis 0)."""
-  memory = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch, *w.shape)), initial)
-  return TitansState(memory, batched(titans_rule(clip_norm=clip_norm).init)(memory))
+def titans_init_state(initial: Memory, batch: int) -> TitansState:
+  """The learned initial memory (heads stacked on axis 0) for every sequence, S = 0."""
+  memory = broadcast_initial(initial, batch)
+  return TitansState(memory, jax.tree.map(jnp.zeros_like, memory))
 
 
-def titans_scan(state: TitansState, q, k, v, step, momentum_decay, forget, *, chunk: int,
-                clip_norm: float, write_gradient: bool = True):
+def titans_scan(state: TitansState, q, k, v, step, log_momentum, log_retention, *, chunk: int,
+                clip_norm: float, write_gradient: bool = True, writes: bool = True,
+                remat: str = "chunk"):
   """Reads and writes a Titans memory over a segment, chunk by chunk (SPEC §2, Titans).
 
-  Per chunk: o_t = M_0(q_t) (read at the chunk-start state, before the write), then the
-  `titans_rule` write with G = Σ θ_t ∇ℓ_t(M_0; k_t, v_t), B = Π β_t, A = Π (1 − α_t).
+  Per token, with u_t = ∇ℓ_t at the chunk-start state M_0 (Titans' naming: θ step, β
+  momentum decay, α forget gate):  o_t = M_0(q_t),  S_t = β_t S_{t−1} − θ_t u_t,
+  M_t = (1 − α_t) M_{t−1} + S_t  — the chunk computed at once by `write_chunk`.
 
   Args:
     state: `TitansState` at the segment start.
-    q, k, v: [B, H, T, d]; step θ, momentum_decay β, forget α: [B, H, T].
+    q, k, v: [B, H, T, d]; step θ, log_momentum log β, log_retention log(1 − α): [B, H, T].
     chunk: C, dividing T.
     write_gradient: False stops the outer gradient at every write.
+    writes: False keeps the memory at its initial state (reads only): the memory-off control.
+    remat: what the backward pass keeps of the chunk steps (`scan_chunks`).
 
   Returns:
     (outputs [B, H, T, d], the state after the segment).
   """
-  rule = titans_rule(clip_norm=clip_norm)
+  def write(memory, momentum, k, v, step, log_b, log_a):
+    return write_chunk(memory, momentum, k, v, Gates(step, log_a, log_b, None),
+                       clip_norm=clip_norm)
 
-  def write(memory, rule_state, k, v, step, decay, forget):
-    grads = weighted_gradient(memory, k, v, step)
-    updates, rule_state = rule.update(grads, rule_state, memory, momentum_decay=jnp.prod(decay),
-                                      retention=jnp.prod(1.0 - forget))
-    return optax.apply_updates(memory, updates), rule_state
-
-  @jax.checkpoint
   def chunk_step(carry: TitansState, xs):
-    # The in-context state, pinned on both sides of the step so that its placement is the
-    # mesh's rule rather than whatever propagation finds.
-    carry = layers.place(carry)
-    q, k, v, step, decay, forget = xs
+    q, k, v, step, log_b, log_a = xs
     out = batched(mlp_memory)(carry.memory, q)
-    memory, rule_state = batched(write)(carry.memory, carry.rule, k, v, step, decay, forget)
-    new = layers.place(TitansState(memory, rule_state))
-    return (new if write_gradient else jax.lax.stop_gradient(new)), out
+    if not writes:
+      return carry, out
+    return TitansState(*batched(write)(carry.memory, carry.momentum, k, v, step, log_b,
+                                       log_a)), out
 
-  xs = (chunks(q, chunk, 2), chunks(k, chunk, 2), chunks(v, chunk, 2), chunks(step, chunk, 2),
-        chunks(momentum_decay, chunk, 2), chunks(forget, chunk, 2))
-  state, out = jax.lax.scan(chunk_step, state, xs)
-  return unchunk(out, 2), state
-
-
-# ----------------------------------------------------------------------------- self-modifying
-
-
-class SelfModState(NamedTuple):
-  memories: dict            # name → Memory [B, H, ...]
-  rule: dict                # name → `dgd_rule` state
-
-
-def selfmod_init_state(initial: dict, batch: int, *, clip_norm: float,
-                       momentum: float) -> SelfModState:
-  memories = jax.tree.map(lambda w: jnp.broadcast_to(w, (batch, *w.shape)), initial)
-  init = batched(dgd_rule(clip_norm=clip_norm, momentum=momentum).init)
-  return SelfModState(memories, {name: init(m) for name, m in memories.items()})
-
-
-def dgd_write(memory: Memory, rule_state, keys, values, eta, alpha, *, rule, use_dgd: bool,
-              use_weight_decay: bool):
-  """One chunk's self-modifying write of one memory (see `dgd_rule`).
-
-  The memory makes its own target v̂_t = M_0(v_t) (SPEC §2), then
-  G = Σ η_t ∇‖M(k_t) − v̂_t‖²(W_0), K = Σ η_t k_t k_tᵀ (0 without DGD), A = Π α_t (1 without
-  weight decay).
-  """
-  targets = mlp_memory(memory, values)
-  grads = weighted_gradient(memory, keys, targets, eta)
-  gram = (keys * eta[:, None]).T @ keys if use_dgd else jnp.zeros((keys.shape[-1],) * 2,
-                                                                    keys.dtype)
-  retention = jnp.prod(alpha) if use_weight_decay else jnp.ones((), keys.dtype)
-  updates, rule_state = rule.update(grads, rule_state, memory, retention=retention, gram=gram)
-  return optax.apply_updates(memory, updates), rule_state
-
-
-class Generated(NamedTuple):
-  """What the generator memories produce for each token, [B, H, C, ·]."""
-  keys: jax.Array
-  values: jax.Array
-  eta: jax.Array            # [B, H, C]
-  alpha: jax.Array          # [B, H, C]
-  queries: jax.Array | None
-
-
-def generate(memories: dict, x: jax.Array, *, eta_bias, alpha_bias, eta_scale: float,
-             adaptive_q: bool) -> Generated:
-  """k_t = M_k(x_t), v_t = M_v(x_t), η_t, α_t, (q_t = M_q(x_t)) at the chunk-start states.
-
-  q and k are L2-normalised; η_t = eta_scale · softplus(mean M_η(x_t) + b_η) (bounded
-  step), α_t = sigmoid(mean M_α(x_t) + b_α) (SPEC §3). x: [B, H, C, d]; biases [H].
-  """
-  read = lambda name: batched(mlp_memory)(memories[name], x)
-  eta = eta_scale * jax.nn.softplus(jnp.mean(read("eta"), -1) + eta_bias[:, None])
-  alpha = jax.nn.sigmoid(jnp.mean(read("alpha"), -1) + alpha_bias[:, None])
-  queries = l2_normalize(read("q")) if adaptive_q else None
-  return Generated(l2_normalize(read("k")), read("v"), eta, alpha, queries)
-
-
-GENERATORS = ("k", "v", "eta", "alpha")
-
-
-def selfmod_scan(state: SelfModState, x: jax.Array, fixed_q: jax.Array | None, *, eta_bias,
-                 alpha_bias, eta_scale: float, adaptive_q: bool, chunk: int, mem_chunk: int,
-                 clip_norm: float, momentum: float, use_dgd: bool, use_weight_decay: bool,
-                 write_gradient: bool = True):
-  """Self-modifying Titans over a segment (SPEC §2, HOPE's sequence mixer), read before write.
-
-  Two chunk sizes: the generator memories (k, v, η, α, and q when adaptive) write every
-  `chunk` tokens; M_mem every `mem_chunk` tokens. M_mem's output feeds none of the
-  generators, so the generators run first over the whole segment (one scan), then M_mem
-  (a second scan) — exactly the interleaved recurrence.
-
-  Args:
-    state: `SelfModState` at the segment start.
-    x: [B, H, T, d] per-head inputs; fixed_q: [B, H, T, d] normalised queries from the
-      fixed projection (ignored when adaptive_q).
-
-  Returns:
-    (o [B, H, T, d], the state after the segment).
-  """
-  rule = dgd_rule(clip_norm=clip_norm, momentum=momentum)
-  write = batched(lambda m, s, k, v, e, a: dgd_write(
-      m, s, k, v, e, a, rule=rule, use_dgd=use_dgd, use_weight_decay=use_weight_decay))
-  names = GENERATORS + (("q",) if adaptive_q else ())
-  finish = (lambda s: s) if write_gradient else jax.lax.stop_gradient
-
-  @jax.checkpoint
-  def generator_step(carry, x):
-    memories, rule_states = carry
-    gen = generate(memories, x, eta_bias=eta_bias, alpha_bias=alpha_bias, eta_scale=eta_scale,
-                   adaptive_q=adaptive_q)
-    new = {n: write(memories[n], rule_states[n], gen.keys, gen.values, gen.eta, gen.alpha)
-           for n in names}
-    return finish(({n: m for n, (m, _) in new.items()}, {n: s for n, (_, s) in new.items()})), gen
-
-  gen_memories = {n: state.memories[n] for n in names}
-  gen_rules = {n: state.rule[n] for n in names}
-  (gen_memories, gen_rules), gen = jax.lax.scan(generator_step, (gen_memories, gen_rules),
-                                                chunks(x, chunk, 2))
-  gen = jax.tree.map(lambda a: unchunk(a, 2), gen)
-  queries = gen.queries if adaptive_q else fixed_q
-
-  @jax.checkpoint
-  def mem_step(carry, xs):
-    memory, rule_state = carry
-    q, k, v, eta, alpha = xs
-    out = batched(mlp_memory)(memory, q)
-    return finish(write(memory, rule_state, k, v, eta, alpha)), out
-
-  xs = tuple(chunks(a, mem_chunk, 2) for a in (queries, gen.keys, gen.values, gen.eta, gen.alpha))
-  (mem, mem_rule), out = jax.lax.scan(mem_step, (state.memories["mem"], state.rule["mem"]), xs)
-  memories = {**gen_memories, "mem": mem}
-  rules = {**gen_rules, "mem": mem_rule}
-  return unchunk(out, 2), SelfModState(memories, rules)
+  state, out = scan_chunks(chunk_step, state, (q, k, v, step, log_momentum, log_retention),
+                           chunk=chunk, axis=2, remat=remat, write_gradient=write_gradient)
+  return out, state

@@ -106,22 +106,30 @@ def test_zero_inner_learning_rate_is_a_plain_mlp():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_teach_signal_is_the_gradient_of_the_chunk_next_token_loss():
-  """After the first chunk, level 1 (period 8) holds W − η clip(∇_W NLL_chunk(W))."""
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_teach_signal_is_the_gradient_of_the_chunk_next_token_loss(lookahead):
+  """After the first chunk, level 1 (period 8) holds W − η clip(∇_W L(W)), L the chunk's
+  next-token loss Σ_t NLL(target_t) / C over its C positions: with the next chunk's first
+  token known (lookahead) that includes the boundary pair, else it has C − 1 terms."""
   lr, clip = 0.1, 1.0
   cfg = micro_hope(cms_lr=lr, inner_clip=clip, cms_periods="8,64,64")
   graphdef, params = _model(cfg)
-  tokens = np.random.default_rng(5).integers(0, 64, size=(1, CHUNK))
+  tokens = np.random.default_rng(5).integers(0, 64, size=(1, CHUNK + 1))
   model = nnx_merge(graphdef, params)
-  _, state = model.stream(jnp.asarray(tokens), model.init_state(1))
+  _, state = model.stream(jnp.asarray(tokens[:, :CHUNK]), model.init_state(1),
+                          jnp.asarray(tokens[:, CHUNK]) if lookahead else None)
 
   static_graph, _ = _model(micro_hope(cms_lr=lr, inner_clip=clip, cms_periods="64,64,64"))
   apply = models.apply_fn(static_graph)
+  pairs = CHUNK if lookahead else CHUNK - 1
 
   def chunk_nll(level_weights, layer):
     p = jax.tree.map(lambda x: x, params)
     p["layers"][layer]["cms"][0]["mlp"] = level_weights
-    return hope.teach_loss(apply(p, tokens), jnp.asarray(tokens))
+    logits = apply(p, tokens[:, :CHUNK])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[0, :pairs]),
+                               jnp.asarray(tokens[0, 1:pairs + 1])[:, None], axis=-1)
+    return jnp.sum(nll) / CHUNK
 
   for layer in range(2):
     w = params["layers"][layer]["cms"][0]["mlp"]

@@ -1,18 +1,21 @@
-"""Memories against slow token-by-token references (plain jnp, a Python loop over tokens).
+"""Memory write rules against token-by-token references written from SPEC §2's equations.
 
-The references use per-token `jax.grad`, no vmap, no VJP trick and no optax: with chunk
-size 1 they are the token recurrences of SPEC §2 as written; with chunk size C each
-chunk's reads and gradients use the chunk-start state (SPEC §2, chunk-parallel training).
+The references are Python loops over tokens: each token's gradient comes from `jax.grad` of
+ℓ = ‖M(k) − v‖² at the chunk-start state (jitted and vmapped over batch and heads for speed,
+nothing else), then momentum, decay, erase and clipping are applied to that token alone, as
+the equations are written. No closed form, no cumulative products, no triangular solve.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nested import memory
+from nested import memory, selfmod
 
-B, H, T, D, HID = 1, 2, 8, 4, 6
+B, H, D, HID = 2, 2, 4, 6
 
 
 def mlp_ref(w, z):
@@ -23,217 +26,177 @@ def loss_ref(w, key, target):
   return jnp.sum((mlp_ref(w, key) - target) ** 2)
 
 
-def normalize_ref(x):
-  return x / jnp.sqrt(jnp.sum(x * x) + 1e-6)
+@functools.partial(jax.jit, static_argnames=("clip", "momentum", "erase"))
+def token_update(w0, w, s, key, target, step, retention, decay, erase_eta, *, clip, momentum,
+                 erase):
+  """One token of S_t = b S − u_t, W_t = a W − e k kᵀ W_in + S_t, u_t = s ∇ℓ(W_0) clipped."""
+  g = jax.grad(loss_ref)(w0, key, target)
+  u = {n: step * x for n, x in g.items()}
+  norm = jnp.sqrt(sum(jnp.sum(x * x) for x in u.values()))
+  if clip:
+    u = {n: x * jnp.minimum(1.0, clip / norm) for n, x in u.items()}
+  s = {n: (decay * s[n] if momentum else 0.0) - u[n] for n in u}
+  w_in = retention * w["w_in"] + s["w_in"]
+  if erase:
+    w_in = w_in - erase_eta * jnp.outer(key, key) @ w["w_in"]
+  return {"w_in": w_in, "w_out": retention * w["w_out"] + s["w_out"]}, s
 
 
-def clip_ref(g, max_norm):
-  norm = float(np.sqrt(sum(float(jnp.sum(x * x)) for x in g.values())))
-  if max_norm <= 0 or norm <= max_norm:
-    return g
-  return {n: x * (max_norm / norm) for n, x in g.items()}
+def random_memory(rng, lead=(H,), dim=D, hidden=HID):
+  return {"w_in": jnp.asarray(rng.normal(size=(*lead, dim, hidden)) / np.sqrt(dim), jnp.float32),
+          "w_out": jnp.asarray(rng.normal(size=(*lead, hidden, dim)) * 0.3, jnp.float32)}
 
 
-def add(a, b, scale=1.0):
-  return {n: a[n] + scale * b[n] for n in a}
+def uniform(rng, lo, hi, *shape):
+  return jnp.asarray(rng.uniform(lo, hi, size=shape), jnp.float32)
 
 
-def zeros(w):
-  return {n: jnp.zeros_like(x) for n, x in w.items()}
+# ----------------------------------------------------------------------------- one chunk
 
 
-def random_memory(rng, heads=H):
-  return {"w_in": jnp.asarray(rng.normal(size=(heads, D, HID)) / np.sqrt(D), jnp.float32),
-          "w_out": jnp.asarray(rng.normal(size=(heads, HID, D)) * 0.3, jnp.float32)}
+@pytest.mark.parametrize("momentum,erase,clip", [(False, False, 0.0), (False, True, 0.0),
+                                                 (True, False, 0.3), (True, True, 0.0),
+                                                 (True, True, 0.3)])
+def test_write_chunk_equals_the_token_recurrence(momentum, erase, clip):
+  """64 tokens with strong random gates (η up to 0.6, α down to 0.8, β down to 0.5), where a
+  first-order chunk rule is off by tens of percent."""
+  rng = np.random.default_rng(int(momentum) * 4 + int(erase) * 2 + int(clip > 0))
+  c = 64
+  w0 = {n: x[0] for n, x in random_memory(rng).items()}
+  s0 = {n: 0.1 * jnp.asarray(rng.normal(size=x.shape), jnp.float32) for n, x in w0.items()}
+  keys = memory.l2_normalize(jnp.asarray(rng.normal(size=(c, D)), jnp.float32))
+  targets = jnp.asarray(rng.normal(size=(c, D)), jnp.float32)
+  step, a, b, e = (uniform(rng, 0.05, 0.5, c), uniform(rng, 0.8, 1.0, c),
+                   uniform(rng, 0.5, 0.99, c), uniform(rng, 0.0, 0.6, c))
+  gates = memory.Gates(step, jnp.log(a), jnp.log(b) if momentum else None, e if erase else None)
+  got, got_s = jax.jit(functools.partial(memory.write_chunk, clip_norm=clip))(
+      w0, s0 if momentum else None, keys, targets, gates)
+  w, s = w0, s0
+  for t in range(c):
+    w, s = token_update(w0, w, s, keys[t], targets[t], step[t], a[t], b[t], e[t], clip=clip,
+                        momentum=momentum, erase=erase)
+  moved = max(float(jnp.max(jnp.abs(w[n] - w0[n]))) for n in w)
+  assert moved > 0.1   # the writes are large: equality below is not equality with w0
+  for n in w:
+    np.testing.assert_allclose(got[n], w[n], rtol=1e-4, atol=1e-5, err_msg=n)
+    if momentum:
+      np.testing.assert_allclose(got_s[n], s[n], rtol=1e-4, atol=1e-5, err_msg=n)
 
 
-def head(w, h):
-  return {n: x[h] for n, x in w.items()}
+def test_momentum_with_zero_gradient_only_decays():
+  """μ = 0.9 and no gradient (step 0): W ← α W per token, positive and shrinking; momentum
+  must not act on the decay (a rule that did would overshoot and flip the sign)."""
+  rng = np.random.default_rng(0)
+  rule = selfmod.Rule(eta_max=1.0, clip_norm=0.0, momentum=0.9, dgd=False, weight_decay=True)
+  w = {"w_in": jnp.ones((D, HID)), "w_out": jnp.ones((HID, D))}
+  s = jax.tree.map(jnp.zeros_like, w)
+  keys = memory.l2_normalize(jnp.asarray(rng.normal(size=(16, D)), jnp.float32))
+  log_alpha = jnp.full((16,), np.log(0.993), jnp.float32)
+  gates = rule.gates(jnp.zeros((16,)), log_alpha)
+  ratios = []
+  for _ in range(8):
+    w, s = memory.write_chunk(w, s, keys, jnp.zeros((16, D)), gates, clip_norm=0.0)
+    ratios.append(float(w["w_in"][0, 0]))
+  np.testing.assert_allclose(ratios, 0.993 ** (16 * np.arange(1, 9)), rtol=1e-5)
+
+
+def test_first_order_chunk_rule_is_not_the_recurrence():
+  """The rule the chunk form replaced — (Πα − Σ η k kᵀ) W − Σ η ∇ℓ — is measurably different
+  at these gates, so the equality tests above can tell the two apart."""
+  rng = np.random.default_rng(5)
+  c = 16
+  w0 = {n: x[0] for n, x in random_memory(rng).items()}
+  keys = memory.l2_normalize(jnp.asarray(rng.normal(size=(c, D)), jnp.float32))
+  targets = jnp.asarray(rng.normal(size=(c, D)), jnp.float32)
+  eta, alpha = uniform(rng, 0.05, 0.3, c), uniform(rng, 0.9, 1.0, c)
+  exact, _ = memory.write_chunk(w0, None, keys, targets,
+                                memory.Gates(eta, jnp.log(alpha), None, eta), clip_norm=0.0)
+  grads = [jax.grad(loss_ref)(w0, keys[t], targets[t]) for t in range(c)]
+  gram = sum(eta[t] * jnp.outer(keys[t], keys[t]) for t in range(c))
+  first_order = jnp.prod(alpha) * w0["w_in"] - gram @ w0["w_in"] - sum(
+      eta[t] * grads[t]["w_in"] for t in range(c))
+  rel = float(jnp.linalg.norm(first_order - exact["w_in"]) / jnp.linalg.norm(exact["w_in"] -
+                                                                            w0["w_in"]))
+  assert rel > 0.05, rel
 
 
 # ----------------------------------------------------------------------------- Titans
 
 
-def titans_token_reference(w, q, k, v, theta, beta, alpha, clip):
-  """S_t = β_t S − θ_t ∇ℓ_t(M), M_t = (1 − α_t) M + S_t; o_t = M_{t−1}(q_t) (clip on θ∇ℓ)."""
-  m, s, outs = w, zeros(w), []
+def titans_reference(w, q, k, v, theta, beta, alpha, *, clip, chunk):
+  """One sequence and head: o_t = M_0(q_t); S_t = β_t S − θ_t u_t; M_t = (1−α_t) M + S_t."""
+  m, s, outs = w, jax.tree.map(jnp.zeros_like, w), []
   for t in range(len(q)):
-    outs.append(mlp_ref(m, q[t]))
-    g = clip_ref({n: theta[t] * x for n, x in jax.grad(loss_ref)(m, k[t], v[t]).items()}, clip)
-    s = {n: beta[t] * s[n] - g[n] for n in s}
-    m = {n: (1 - alpha[t]) * m[n] + s[n] for n in m}
-  return jnp.stack(outs), m
+    if t % chunk == 0:
+      m0 = m
+    outs.append(mlp_ref(m0, q[t]))
+    m, s = token_update(m0, m, s, k[t], v[t], theta[t], 1.0 - alpha[t], beta[t], 0.0, clip=clip,
+                        momentum=True, erase=False)
+  return jnp.stack(outs), m, s
 
 
-def titans_chunk_reference(w, q, k, v, theta, beta, alpha, clip, chunk):
-  """Chunk form: per chunk, every read and gradient at the chunk-start state M_0."""
-  m, s, outs = w, zeros(w), []
-  for start in range(0, len(q), chunk):
-    m0, g, decay, retention = m, zeros(w), 1.0, 1.0
-    for t in range(start, start + chunk):
-      outs.append(mlp_ref(m0, q[t]))
-      g = add(g, jax.grad(loss_ref)(m0, k[t], v[t]), theta[t])
-      decay, retention = decay * beta[t], retention * (1 - alpha[t])
-    g = clip_ref(g, clip)
-    s = {n: decay * s[n] - g[n] for n in s}
-    m = {n: retention * m0[n] + s[n] for n in m}
-  return jnp.stack(outs), m
-
-
-def titans_inputs(seed):
-  rng = np.random.default_rng(seed)
+@pytest.mark.parametrize("chunk,clip", [(1, 0.05), (4, 0.0), (16, 0.5), (64, 0.0)])
+def test_titans_scan_equals_the_token_recurrence(chunk, clip):
+  rng = np.random.default_rng(chunk)
+  t = 128
   f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  u = lambda *shape: jnp.asarray(rng.uniform(0.05, 0.95, size=shape), jnp.float32)
-  q, k = memory.l2_normalize(f(B, H, T, D)), memory.l2_normalize(f(B, H, T, D))
-  return random_memory(rng), q, k, f(B, H, T, D), 0.3 * u(B, H, T), u(B, H, T), 0.2 * u(B, H, T)
+  w = random_memory(rng)
+  q, k = memory.l2_normalize(f(B, H, t, D)), memory.l2_normalize(f(B, H, t, D))
+  v = 0.5 * f(B, H, t, D)
+  theta, beta, alpha = (uniform(rng, 0.02, 0.1, B, H, t), uniform(rng, 0.5, 0.95, B, H, t),
+                        uniform(rng, 0.0, 0.1, B, H, t))
+  state = memory.titans_init_state(w, B)
+  out, final = jax.jit(functools.partial(memory.titans_scan, chunk=chunk, clip_norm=clip))(
+      state, q, k, v, theta, jnp.log(beta), jnp.log1p(-alpha))
+  assert float(jnp.max(jnp.abs(out))) < 10.0  # a stable regime, where equality means something
+  for b in range(B):
+    for h in range(H):
+      ref_out, ref_m, ref_s = titans_reference(
+          {n: x[h] for n, x in w.items()}, q[b, h], k[b, h], v[b, h], theta[b, h], beta[b, h],
+          alpha[b, h], clip=clip, chunk=chunk)
+      np.testing.assert_allclose(out[b, h], ref_out, rtol=2e-4, atol=2e-5)
+      for n in ref_m:
+        np.testing.assert_allclose(final.memory[n][b, h], ref_m[n], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(final.momentum[n][b, h], ref_s[n], rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("chunk,clip", [(1, 0.0), (1, 0.05), (4, 0.0), (2, 0.5)])
-def test_titans_scan_matches_token_reference(chunk, clip):
-  w, q, k, v, theta, beta, alpha = titans_inputs(chunk)
-  state = memory.titans_init_state(w, B, clip_norm=clip)
-  out, final = jax.jit(lambda *a: memory.titans_scan(state, *a, chunk=chunk, clip_norm=clip))(
-      q, k, v, theta, beta, alpha)
-  for h in range(H):
-    args = (head(w, h), q[0, h], k[0, h], v[0, h], theta[0, h], beta[0, h], alpha[0, h], clip)
-    ref_out, ref_m = (titans_token_reference(*args) if chunk == 1
-                      else titans_chunk_reference(*args, chunk))
-    np.testing.assert_allclose(out[0, h], ref_out, rtol=1e-4, atol=1e-5)
-    for n in ref_m:
-      np.testing.assert_allclose(final.memory[n][0, h], ref_m[n], rtol=1e-4, atol=1e-5)
-
-
-def test_chunked_titans_differs_from_token_by_token():
-  """Sanity: the chunk-start approximation is a different function (the test can fail)."""
-  w, q, k, v, theta, beta, alpha = titans_inputs(7)
-  state = memory.titans_init_state(w, B, clip_norm=0.0)
-  one, _ = memory.titans_scan(state, q, k, v, theta, beta, alpha, chunk=1, clip_norm=0.0)
-  four, _ = memory.titans_scan(state, q, k, v, theta, beta, alpha, chunk=4, clip_norm=0.0)
-  assert not np.allclose(one, four, atol=1e-4)
+def test_titans_chunk_size_changes_the_function():
+  """Gradients at the chunk start are an approximation of the token rule: C = 1 and C = 8
+  differ (so the equality above at each C is a real constraint)."""
+  rng = np.random.default_rng(7)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = random_memory(rng)
+  q, k, v = memory.l2_normalize(f(1, H, 16, D)), memory.l2_normalize(f(1, H, 16, D)), f(1, H, 16, D)
+  gates = (uniform(rng, 0.1, 0.4, 1, H, 16), jnp.log(uniform(rng, 0.5, 0.9, 1, H, 16)),
+           jnp.log(uniform(rng, 0.9, 1.0, 1, H, 16)))
+  state = memory.titans_init_state(w, 1)
+  one, _ = memory.titans_scan(state, q, k, v, *gates, chunk=1, clip_norm=0.0)
+  eight, _ = memory.titans_scan(state, q, k, v, *gates, chunk=8, clip_norm=0.0)
+  assert not np.allclose(one, eight, atol=1e-4)
 
 
 @pytest.mark.parametrize("write_gradient", [True, False])
 def test_titans_gradient_reaches_initial_state_only_through_writes(write_gradient):
   """The loss reads only chunks ≥ 1, so the initial memory matters only via the writes."""
-  w, q, k, v, theta, beta, alpha = titans_inputs(3)
+  rng = np.random.default_rng(3)
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = random_memory(rng)
+  q, k, v = memory.l2_normalize(f(B, H, 8, D)), memory.l2_normalize(f(B, H, 8, D)), f(B, H, 8, D)
+  gates = (uniform(rng, 0.1, 0.4, B, H, 8), jnp.log(uniform(rng, 0.5, 0.9, B, H, 8)),
+           jnp.log(uniform(rng, 0.9, 1.0, B, H, 8)))
 
   def later_reads(w):
-    state = memory.titans_init_state(w, B, clip_norm=1.0)
-    out, _ = memory.titans_scan(state, q, k, v, theta, beta, alpha, chunk=4, clip_norm=1.0,
-                                write_gradient=write_gradient)
+    out, _ = memory.titans_scan(memory.titans_init_state(w, B), q, k, v, *gates, chunk=4,
+                                clip_norm=1.0, write_gradient=write_gradient)
     return jnp.sum(out[:, :, 4:] ** 2)
 
   norm = float(sum(jnp.sum(g * g) for g in jax.tree.leaves(jax.grad(later_reads)(w))))
   assert (norm > 1e-8) if write_gradient else (norm == 0.0), norm
 
 
-# ----------------------------------------------------------------------------- self-modifying
-
-GENS = ("k", "v", "eta", "alpha")
-
-
-def dgd_apply_ref(w, velocity, g, gram, retention, *, clip, momentum, dgd, weight_decay):
-  g = clip_ref(g, clip)
-  a = retention if weight_decay else 1.0
-  gram = gram if dgd else jnp.zeros_like(gram)
-  delta = {"w_in": (a - 1) * w["w_in"] - gram @ w["w_in"] - g["w_in"],
-           "w_out": (a - 1) * w["w_out"] - g["w_out"]}
-  if momentum:
-    velocity = {n: momentum * velocity[n] + delta[n] for n in delta}
-    delta = velocity
-  return add(w, delta), velocity
-
-
-def selfmod_reference(init, x, fixed_q, eta_bias, alpha_bias, *, eta_scale, chunk, mem_chunk,
-                      clip, momentum, dgd, weight_decay, adaptive_q):
-  """One sequence and head, one loop over tokens with two clocks.
-
-  Generators (k, v, η, α[, q]) snapshot their states at the start of each `chunk`, M_mem at
-  the start of each `mem_chunk`; each token reads the snapshots (read before write) and adds
-  η_t ∇‖M(k_t) − M(v_t)‖², η_t k_t k_tᵀ and α_t to its memories' chunk statistics; a memory
-  writes when its chunk ends: W ← W (Π α) − (Σ η k kᵀ) W_in-side − Σ η ∇ℓ (SPEC §2).
-  """
-  names = GENS + (("q",) if adaptive_q else ()) + ("mem",)
-  state = dict(init)
-  velocity = {n: zeros(init[n]) for n in names}
-  outs = []
-  for t in range(len(x)):
-    if t % chunk == 0:
-      gen_snap = {n: state[n] for n in names if n != "mem"}
-      gen_stats = {n: [zeros(init[n]), jnp.zeros((D, D)), 1.0] for n in gen_snap}
-    if t % mem_chunk == 0:
-      mem_snap = state["mem"]
-      mem_stats = [zeros(init["mem"]), jnp.zeros((D, D)), 1.0]
-    s = gen_snap
-    key = normalize_ref(mlp_ref(s["k"], x[t]))
-    value = mlp_ref(s["v"], x[t])
-    eta = eta_scale * jax.nn.softplus(jnp.mean(mlp_ref(s["eta"], x[t])) + eta_bias)
-    alpha = jax.nn.sigmoid(jnp.mean(mlp_ref(s["alpha"], x[t])) + alpha_bias)
-    query = normalize_ref(mlp_ref(s["q"], x[t])) if adaptive_q else fixed_q[t]
-    outs.append(mlp_ref(mem_snap, query))
-    for n, snap, stats in [(n, gen_snap[n], gen_stats[n]) for n in gen_snap] + [
-        ("mem", mem_snap, mem_stats)]:
-      grad = jax.grad(loss_ref)(snap, key, mlp_ref(snap, value))
-      stats[0] = add(stats[0], grad, eta)
-      stats[1] = stats[1] + eta * jnp.outer(key, key)
-      stats[2] = stats[2] * alpha
-    kw = dict(clip=clip, momentum=momentum, dgd=dgd, weight_decay=weight_decay)
-    if (t + 1) % chunk == 0:
-      for n in gen_snap:
-        state[n], velocity[n] = dgd_apply_ref(gen_snap[n], velocity[n], *gen_stats[n], **kw)
-    if (t + 1) % mem_chunk == 0:
-      state["mem"], velocity["mem"] = dgd_apply_ref(mem_snap, velocity["mem"], *mem_stats, **kw)
-  return jnp.stack(outs), state
-
-
-SWITCHES = [  # (chunk, mem_chunk, clip, momentum, dgd, weight_decay, adaptive_q)
-    (1, 1, 0.0, 0.0, True, True, False),      # the token recurrence, paper defaults
-    (1, 1, 0.3, 0.5, False, False, True),     # clipped, momentum, no DGD term, no decay, M_q
-    (2, 4, 0.0, 0.0, True, True, False),      # two chunk sizes
-    (4, 2, 0.5, 0.9, True, False, True),
-]
-
-
-@pytest.mark.parametrize("chunk,mem_chunk,clip,momentum,dgd,weight_decay,adaptive_q", SWITCHES)
-def test_selfmod_scan_matches_token_reference(chunk, mem_chunk, clip, momentum, dgd,
-                                              weight_decay, adaptive_q):
-  rng = np.random.default_rng(chunk * 10 + mem_chunk)
-  names = GENS + (("q",) if adaptive_q else ()) + ("mem",)
-  init = {n: random_memory(rng) for n in names}
-  x = jnp.asarray(0.5 * rng.normal(size=(B, H, T, D)), jnp.float32)
-  fixed_q = memory.l2_normalize(jnp.asarray(rng.normal(size=(B, H, T, D)), jnp.float32))
-  eta_bias = jnp.asarray(rng.normal(size=H), jnp.float32)
-  alpha_bias = jnp.asarray(rng.normal(size=H) + 2.0, jnp.float32)
-  kw = dict(eta_scale=0.1, chunk=chunk, mem_chunk=mem_chunk, clip_norm=clip, momentum=momentum)
-  state = memory.selfmod_init_state(init, B, clip_norm=clip, momentum=momentum)
-  out, final = jax.jit(lambda s, x, q: memory.selfmod_scan(
-      s, x, q, eta_bias=eta_bias, alpha_bias=alpha_bias, adaptive_q=adaptive_q, use_dgd=dgd,
-      use_weight_decay=weight_decay, **kw))(state, x, fixed_q)
-  assert float(jnp.max(jnp.abs(out))) < 10.0  # a stable regime, where equality means something
-  for h in range(H):
-    ref_out, ref_state = selfmod_reference(
-        {n: head(w, h) for n, w in init.items()}, x[0, h], fixed_q[0, h], eta_bias[h],
-        alpha_bias[h], eta_scale=0.1, chunk=chunk, mem_chunk=mem_chunk, clip=clip,
-        momentum=momentum, dgd=dgd, weight_decay=weight_decay, adaptive_q=adaptive_q)
-    np.testing.assert_allclose(out[0, h], ref_out, rtol=2e-4, atol=2e-5)
-    for n in names:
-      for p in ("w_in", "w_out"):
-        np.testing.assert_allclose(final.memories[n][p][0, h], ref_state[n][p], rtol=2e-4,
-                                   atol=2e-5, err_msg=f"{n}/{p}")
-
-
-def test_dgd_rule_one_token_is_the_spec_equation():
-  """M ← M(αI − η k kᵀ) − η ∇ℓ, in [in, out] kernels: W_in ← (αI − η k kᵀ) W_in − η ∇."""
-  rng = np.random.default_rng(0)
-  w = head(random_memory(rng), 0)
-  key = normalize_ref(jnp.asarray(rng.normal(size=D), jnp.float32))
-  g = {n: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for n, x in w.items()}
-  eta, alpha = 0.3, 0.9
-  rule = memory.dgd_rule(clip_norm=0.0)
-  updates, _ = rule.update({n: eta * x for n, x in g.items()}, rule.init(w), w,
-                           retention=jnp.float32(alpha), gram=eta * jnp.outer(key, key))
-  new_in = w["w_in"] + updates["w_in"]
-  expected = (alpha * jnp.eye(D) - eta * jnp.outer(key, key)) @ w["w_in"] - eta * g["w_in"]
-  np.testing.assert_allclose(new_in, expected, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(w["w_out"] + updates["w_out"], alpha * w["w_out"] - eta * g["w_out"],
-                             rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("n", [1, 5, 16, 64])
+def test_unit_lower_inverse(n):
+  rng = np.random.default_rng(n)
+  m = np.tril(rng.normal(size=(n, n)) * 0.3, -1) + np.eye(n)
+  np.testing.assert_allclose(memory.unit_lower_inverse(jnp.asarray(m)), np.linalg.inv(m),
+                             rtol=1e-4, atol=1e-5)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nested import cms, layers, memory
+from nested import cms, layers, memory, selfmod
 from nested.errors import UserError
 
 _MIXERS = ("selfmod", "attention")
@@ -60,19 +60,26 @@ class HopeConfig:
   context: int = 128             # levels with period > context are not updated in context
   chunk_size: int = 16           # tokens per step of the model's scan over chunks
   mixer: str = "selfmod"         # "selfmod" (HOPE) or "attention" (HOPE-Attention)
-  mem_hidden: int = 64           # hidden width of each memory MLP (per head)
+  mem_hidden: int = 64           # hidden width of M_mem (one memory per head)
+  gen_hidden: int = 64           # hidden width of each full-width generator memory (M_k, ...)
   mem_chunk_size: int = 16       # chunk of M_mem (divides chunk_size)
   gen_chunk_size: int = 8        # chunk of M_k, M_v, M_η, M_α (and M_q) (divides chunk_size)
   cms_objective: str = "teach"   # "teach" (next-token loss) or "local_l2"
   cms_lr: float = 1e-2           # η^(ℓ) of the in-context CMS levels; 0 = plain MLPs
+  cms_momentum: float = 0.0      # SGD momentum of the in-context CMS levels; 0 = off
   write_gradient: bool = True    # outer gradient through in-context writes (else stop-grad)
   cms_second_order: bool = False  # outer gradient also through the CMS inner gradient (~3x)
-  inner_momentum: float = 0.0    # momentum of the inner rules; 0 = off
+  mem_momentum: float = 0.0      # momentum μ of the memories' gradient term; 0 = off
   dgd: bool = True               # the −η k kᵀ term of DGD
   weight_decay: bool = True      # the α_t retention of the memories
   adaptive_q: bool = False       # q from a self-modifying memory M_q instead of x W_q
-  eta_scale: float = 0.1         # η_t = eta_scale · softplus(·)
-  inner_clip: float = 1.0        # global-norm clip of each inner gradient; 0 = off
+  eta_max: float = 1.0           # η_t = eta_max · sigmoid(·), a bounded step
+  eta_init: float = 0.018        # η_t at initialisation (sets the bias of the sigmoid)
+  inner_clip: float = 1.0        # bound on each token's inner step norm; 0 = off
+  conv: str = "after"            # causal conv after the projections (SPEC) or "before" them
+  memory_writes: bool = True     # False: memories and in-context CMS levels never change
+  attention_window: int = 0      # HOPE-Attention: keys kept, in tokens (0 = `context`)
+  remat: str = "chunk"           # what backprop keeps of the chunk scan: memory.scan_chunks
   conv_width: int = 4
   rope_theta: float = 10_000.0
   tie_embeddings: bool = False
@@ -81,10 +88,12 @@ class HopeConfig:
   def __post_init__(self):
     object.__setattr__(self, "cms_hidden", _int_tuple(self.cms_hidden))
     object.__setattr__(self, "cms_periods", _int_tuple(self.cms_periods))
-    if self.mixer not in _MIXERS:
-      raise UserError(f"mixer={self.mixer!r}; choose one of {_MIXERS}")
-    if self.cms_objective not in _OBJECTIVES:
-      raise UserError(f"cms_objective={self.cms_objective!r}; choose one of {_OBJECTIVES}")
+    for name, value, allowed in (("mixer", self.mixer, _MIXERS),
+                                 ("cms_objective", self.cms_objective, _OBJECTIVES),
+                                 ("conv", self.conv, selfmod.CONV_PLACEMENTS),
+                                 ("remat", self.remat, memory.REMAT)):
+      if value not in allowed:
+        raise UserError(f"model.{name}={value!r}; choose one of {allowed}")
     if len(self.cms_hidden) != len(self.cms_periods):
       raise UserError(f"cms_hidden {self.cms_hidden} and cms_periods {self.cms_periods} must "
                        f"have one entry per CMS level")
@@ -97,6 +106,16 @@ class HopeConfig:
       if p % self.chunk_size:
         raise UserError(f"in-context CMS period {p} is not a multiple of chunk_size="
                          f"{self.chunk_size}")
+    for name in ("mem_momentum", "cms_momentum"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise UserError(f"model.{name}={getattr(self, name)} must be in [0, 1) (0 = off)")
+    if not 0 < self.eta_init < self.eta_max:
+      raise UserError(f"model.eta_init={self.eta_init} must lie in (0, eta_max={self.eta_max}) "
+                       f"(η_t = eta_max · sigmoid(·)); switch writes off with "
+                       f"model.memory_writes=False")
+    if self.attention_window % self.chunk_size or self.attention_window < 0:
+      raise UserError(f"model.attention_window={self.attention_window} must be a non-negative "
+                       f"multiple of chunk_size={self.chunk_size} (0 = the whole context)")
 
   @property
   def in_context_periods(self) -> tuple:
@@ -116,42 +135,6 @@ class HopeAttentionConfig(HopeConfig):
 # ----------------------------------------------------------------------------- parameters
 
 
-def _param(rngs: nnx.Rngs, shape, stddev: float) -> nnx.Param:
-  return nnx.Param(stddev * jax.random.normal(rngs.params(), shape, jnp.float32))
-
-
-def _conv_kernel(width: int, dim: int) -> nnx.Param:
-  # Starts as the identity (last tap 1): the conv learns how much local context to mix in.
-  return nnx.Param(jnp.zeros((width, dim), jnp.float32).at[-1].set(1.0))
-
-
-class MemoryInit(nnx.Module):
-  """The learned initial state of one memory, per head: W_in [H, d, h], W_out [H, h, d]."""
-
-  def __init__(self, n_heads: int, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.w_in = _param(rngs, (n_heads, dim, hidden), 1.0 / math.sqrt(dim))
-    self.w_out = _param(rngs, (n_heads, hidden, dim), 0.02)
-
-
-class SelfModMixer(nnx.Module):
-  """Parameters of self-modifying Titans: W_q, convs, the memories' initial states, gates."""
-
-  def __init__(self, cfg: HopeConfig, *, rngs: nnx.Rngs):
-    d, h = cfg.d_model, cfg.n_heads
-    dtype = jnp.dtype(cfg.dtype)
-    self.w_q = layers.linear(d, d, stddev=0.02, dtype=dtype, rngs=rngs)
-    self.conv_q = _conv_kernel(cfg.conv_width, d)
-    self.conv_x = _conv_kernel(cfg.conv_width, d)
-    names = memory.GENERATORS + ("mem",) + (("q",) if cfg.adaptive_q else ())
-    self.memories = nnx.Dict({n: MemoryInit(h, d // h, cfg.mem_hidden, rngs=rngs) for n in names})
-    # η ≈ eta_scale · softplus(-2) ≈ 0.013 eta_scale and α ≈ sigmoid(5) ≈ 0.993 at init.
-    self.eta_bias = nnx.Param(jnp.full((h,), -2.0, jnp.float32))
-    self.alpha_bias = nnx.Param(jnp.full((h,), 5.0, jnp.float32))
-    self.out_norm = layers.RMSNorm(d)
-    self.w_o = layers.linear(d, d, stddev=layers.residual_stddev(cfg.n_layers), dtype=dtype,
-                             rngs=rngs)
-
-
 class CMSLevel(nnx.Module):
   def __init__(self, cfg: HopeConfig, hidden: int, *, rngs: nnx.Rngs):
     self.norm = layers.RMSNorm(cfg.d_model)
@@ -162,54 +145,33 @@ class CMSLevel(nnx.Module):
 class HopeBlock(nnx.Module):
   def __init__(self, cfg: HopeConfig, *, rngs: nnx.Rngs):
     self.mixer_norm = layers.RMSNorm(cfg.d_model)
+    out_stddev = layers.residual_stddev(cfg.n_layers)
     if cfg.mixer == "selfmod":
-      self.mixer = SelfModMixer(cfg, rngs=rngs)
+      self.mixer = selfmod.SelfModParams(
+          cfg.d_model, cfg.n_heads, mem_hidden=cfg.mem_hidden, gen_hidden=cfg.gen_hidden,
+          adaptive_q=cfg.adaptive_q, conv=cfg.conv, conv_width=cfg.conv_width,
+          out_stddev=out_stddev, dtype=jnp.dtype(cfg.dtype),
+          eta_init_logit=math.log(cfg.eta_init / (cfg.eta_max - cfg.eta_init)), rngs=rngs)
     else:
       self.mixer = layers.CausalSelfAttention(
-          cfg.d_model, cfg.n_heads, out_stddev=layers.residual_stddev(cfg.n_layers),
-          rope_theta=cfg.rope_theta, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+          cfg.d_model, cfg.n_heads, out_stddev=out_stddev, rope_theta=cfg.rope_theta,
+          dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     self.cms = nnx.List([CMSLevel(cfg, f, rngs=rngs) for f in cfg.cms_hidden])
 
 
 # ----------------------------------------------------------------------------- mixers
 
 
-def _kernel(p: dict, x: jax.Array) -> jax.Array:
-  return x @ p["kernel"].astype(x.dtype)
-
-
-def _heads(x: jax.Array, n_heads: int) -> jax.Array:
-  """[B, T, D] → [B, H, T, D/H]."""
-  b, t, d = x.shape
-  return x.reshape(b, t, n_heads, d // n_heads).transpose(0, 2, 1, 3)
-
-
-def _merge_heads(x: jax.Array) -> jax.Array:
-  b, h, t, d = x.shape
-  return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
-
-
-def selfmod_init_state(cfg: HopeConfig, p: dict, batch: int) -> dict:
-  width = cfg.conv_width - 1
-  return {"memory": memory.selfmod_init_state(p["memories"], batch, clip_norm=cfg.inner_clip,
-                                              momentum=cfg.inner_momentum),
-          "conv_x": jnp.zeros((batch, width, cfg.d_model), jnp.float32),
-          "conv_q": jnp.zeros((batch, width, cfg.d_model), jnp.float32)}
+def _rule(cfg: HopeConfig) -> selfmod.Rule:
+  return selfmod.Rule(eta_max=cfg.eta_max, clip_norm=cfg.inner_clip, momentum=cfg.mem_momentum,
+                      dgd=cfg.dgd, weight_decay=cfg.weight_decay, writes=cfg.memory_writes)
 
 
 def selfmod_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array):
-  """Self-modifying Titans on one chunk (SPEC §2): q = conv(x W_q), memories read x."""
-  xc, conv_x = layers.causal_depthwise_conv(x.astype(jnp.float32), p["conv_x"], state["conv_x"])
-  q, conv_q = layers.causal_depthwise_conv(_kernel(p["w_q"], x).astype(jnp.float32), p["conv_q"],
-                                           state["conv_q"])
-  out, mem = memory.selfmod_scan(
-      state["memory"], _heads(xc, cfg.n_heads), memory.l2_normalize(_heads(q, cfg.n_heads)),
-      eta_bias=p["eta_bias"], alpha_bias=p["alpha_bias"], eta_scale=cfg.eta_scale,
-      adaptive_q=cfg.adaptive_q, chunk=cfg.gen_chunk_size, mem_chunk=cfg.mem_chunk_size,
-      clip_norm=cfg.inner_clip, momentum=cfg.inner_momentum, use_dgd=cfg.dgd,
-      use_weight_decay=cfg.weight_decay, write_gradient=cfg.write_gradient)
-  out = cms.rms_norm(p["out_norm"]["scale"], _merge_heads(out)).astype(x.dtype)
-  return _kernel(p["w_o"], out), {"memory": mem, "conv_x": conv_x, "conv_q": conv_q}
+  """Self-modifying Titans on one chunk (nested/selfmod.py)."""
+  return selfmod.mixer(p, state, x, n_heads=cfg.n_heads, rule=_rule(cfg), conv=cfg.conv,
+                       gen_chunk=cfg.gen_chunk_size, mem_chunk=cfg.mem_chunk_size,
+                       write_gradient=cfg.write_gradient)
 
 
 def attention_init_state(cfg: HopeConfig, batch: int, cache_len: int) -> dict:
@@ -225,9 +187,9 @@ def attention_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array, positio
   """
   b, c, d = x.shape
   heads = lambda t: t.reshape(b, c, cfg.n_heads, d // cfg.n_heads)
-  q = layers.rope(heads(_kernel(p["wq"], x)), positions, theta=cfg.rope_theta)
-  k = layers.rope(heads(_kernel(p["wk"], x)), positions, theta=cfg.rope_theta)
-  v = heads(_kernel(p["wv"], x))
+  q = layers.rope(heads(layers.kernel_matmul(p["wq"], x)), positions, theta=cfg.rope_theta)
+  k = layers.rope(heads(layers.kernel_matmul(p["wk"], x)), positions, theta=cfg.rope_theta)
+  v = heads(layers.kernel_matmul(p["wv"], x))
   cache_len = state["k"].shape[1]
   start = positions[0] % cache_len
   keys = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(jnp.float32), start, 1)
@@ -238,7 +200,7 @@ def attention_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array, positio
              & (slot_pos[None, :] > positions[:, None] - cache_len))
   probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", probs, values).reshape(b, c, d).astype(x.dtype)
-  return _kernel(p["wo"], out), {"k": keys, "v": values, "slot_position": slot_pos}
+  return layers.kernel_matmul(p["wo"], out), {"k": keys, "v": values, "slot_position": slot_pos}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -259,14 +221,20 @@ class Hope(nnx.Module):
   def init_state(self, batch: int, cache_len: int | None = None) -> dict:
     """The in-context state at the start of a sequence (learned initial memories / weights).
 
-    cache_len: attention-cache length for HOPE-Attention (default `cfg.context`; a
-    multiple of `chunk_size`).
+    cache_len: attention-cache length for HOPE-Attention (default: `attention_window`, else
+    `context`; a multiple of `chunk_size`).
     """
     return init_state(self.cfg, self._params(), batch, cache_len)
 
-  def stream(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-    """Logits of a segment [B, T] (T a multiple of chunk_size) and the state after it."""
-    return run(self.cfg, self._params(), tokens, state)
+  def stream(self, tokens: jax.Array, state: dict,
+             lookahead: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits of a segment [B, T] (T a multiple of chunk_size) and the state after it.
+
+    lookahead [B]: the token after the segment, if known. The last chunk's teach signal
+    then includes its boundary pair (see `run`), so streaming a sequence in segments,
+    each given its successor's first token, equals one pass over it.
+    """
+    return run(self.cfg, self._params(), tokens, state, lookahead)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -275,7 +243,8 @@ class Hope(nnx.Module):
     # Padding at the end cannot change earlier outputs (causality); it is cropped.
     tokens2d = jnp.pad(tokens.reshape(-1, length), ((0, 0), (0, padded - length)))
     params = self._params()
-    logits, _ = run(cfg, params, tokens2d, init_state(cfg, params, tokens2d.shape[0], padded))
+    state = init_state(cfg, params, tokens2d.shape[0], cfg.attention_window or padded)
+    logits, _ = run(cfg, params, tokens2d, state)
     return logits[:, :length].reshape(*tokens.shape, -1)
 
 
@@ -291,26 +260,28 @@ def embed(cfg, params: dict, tokens: jax.Array) -> jax.Array:
 
 def readout(cfg, params: dict, h: jax.Array) -> jax.Array:
   """Float32 logits of the last hidden states: final RMSNorm, then the (tied) unembedding."""
-  h = cms.rms_norm(params["final_norm"]["scale"], h)
+  h = layers.rms_norm(params["final_norm"]["scale"], h)
   table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
   return (h @ table.T.astype(h.dtype)).astype(jnp.float32)
 
 
 def _in_context_optimizers(cfg: HopeConfig) -> list:
   return [cms.level_optimizer(cfg.cms_lr, cfg.cms_periods[i] // cfg.chunk_size,
-                              momentum=cfg.inner_momentum) for i in cfg.in_context_levels]
+                              momentum=cfg.cms_momentum) for i in cfg.in_context_levels]
 
 
 def init_state(cfg: HopeConfig, params: dict, batch: int, cache_len: int | None = None) -> dict:
-  cache_len = cache_len or cfg.context
+  cache_len = cache_len or cfg.attention_window or cfg.context
   if cfg.mixer == "attention" and cache_len % cfg.chunk_size:
     raise ValueError(f"cache_len={cache_len} must be a multiple of chunk_size={cfg.chunk_size}")
   mixers, fast = [], []
   for i in range(cfg.n_layers):
     p = params["layers"][i]
-    mixers.append(selfmod_init_state(cfg, p["mixer"], batch) if cfg.mixer == "selfmod"
+    mixers.append(selfmod.init_state(p["mixer"], batch, rule=_rule(cfg),
+                                     conv_width=cfg.conv_width) if cfg.mixer == "selfmod"
                   else attention_init_state(cfg, batch, cache_len))
-    fast.append([cms.init_fast(p["cms"][j]["mlp"], batch) for j in cfg.in_context_levels])
+    fast.append([memory.broadcast_initial(p["cms"][j]["mlp"], batch)
+                 for j in cfg.in_context_levels])
   optimizers = _in_context_optimizers(cfg)
   opt_states = [[tx.init(w) for tx, w in zip(optimizers, layer)] for layer in fast]
   return layers.place({"position": jnp.zeros((), jnp.int32), "mixers": mixers, "fast": fast,
@@ -332,7 +303,7 @@ def forward_chunk(cfg: HopeConfig, params: dict, mixers: list, fast: list, token
   new_mixers, local_grads = [], []
   for i in range(cfg.n_layers):
     p = params["layers"][i]
-    normed = cms.rms_norm(p["mixer_norm"]["scale"], h)
+    normed = layers.rms_norm(p["mixer_norm"]["scale"], h)
     if cfg.mixer == "selfmod":
       y, m = selfmod_mixer(cfg, p["mixer"], mixers[i], normed)
     else:
@@ -347,62 +318,77 @@ def forward_chunk(cfg: HopeConfig, params: dict, mixers: list, fast: list, token
   return readout(cfg, params, h), new_mixers, local_grads
 
 
-def teach_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Σ over sequences of the mean next-token NLL inside the chunk (targets t+1 in the chunk).
+def teach_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """Σ over sequences of Σ_t w_t NLL(logits_t, target_t) / C over the chunk's C positions.
 
   Summing over sequences keeps each sequence's gradient with respect to its own fast
-  weights independent of the batch; the last token's target lies in the next chunk, so it
-  is left out (a chunk's update must not wait for the next chunk).
+  weights independent of the batch.
   """
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  return jnp.sum(jnp.mean(nll, axis=-1))
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * weights) / logits.shape[1]
 
 
-def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict):
+def shifted_targets(tokens: jax.Array, lookahead: jax.Array | None):
+  """Each position's next token and whether it is known: (targets, weights), both [B, T].
+
+  The teach signal of a chunk includes its boundary pair (last position → the next
+  chunk's first token). That is causal: the update it feeds is first read at that next
+  token's own position, which already has it as input. Only the segment's last target is
+  unknown, unless `lookahead` gives it.
+  """
+  last = jnp.zeros_like(tokens[:, :1]) if lookahead is None else lookahead[:, None]
+  targets = jnp.concatenate([tokens[:, 1:], last.astype(tokens.dtype)], axis=1)
+  weights = jnp.ones(tokens.shape, jnp.float32)
+  if lookahead is None:
+    weights = weights.at[:, -1].set(0.0)
+  return targets, weights
+
+
+def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict,
+        lookahead: jax.Array | None = None):
   """The scan over chunks: (logits [B, T, V], state after). T must be a multiple of C."""
   length = tokens.shape[-1]
   if length % cfg.chunk_size:
     raise ValueError(f"segment length {length} is not a multiple of chunk_size={cfg.chunk_size}")
   optimizers = _in_context_optimizers(cfg)
-  has_levels = bool(cfg.in_context_levels)
+  cms_writes = bool(cfg.in_context_levels) and cfg.memory_writes
 
-  @jax.checkpoint
-  def chunk_step(carry, chunk_tokens):
-    # Pinned on both sides of the step: left to propagation, pure FSDP kept every row of the
-    # memories on every device (split over heads and d instead).
-    carry = layers.place(carry)
+  def chunk_step(carry, xs):
+    chunk_tokens, targets, weights = xs
     positions = carry["position"] + jnp.arange(cfg.chunk_size, dtype=jnp.int32)
     fast = carry["fast"]
-    if has_levels and cfg.cms_objective == "teach":
+    if cms_writes and cfg.cms_objective == "teach":
       def loss_fn(fast):
         logits, mixers, _ = forward_chunk(cfg, params, carry["mixers"], fast, chunk_tokens,
                                           positions)
-        return teach_loss(logits, chunk_tokens), (logits, mixers)
+        return teach_loss(logits, targets, weights), (logits, mixers)
       grads, (logits, mixers) = jax.grad(loss_fn, has_aux=True)(fast)
     else:
       logits, mixers, grads = forward_chunk(cfg, params, carry["mixers"], fast, chunk_tokens,
                                             positions)
-    if not cfg.cms_second_order:
-      # First order: the inner gradient is data to the outer loss (as in first-order MAML);
-      # the outer gradient still flows through every write W ← W − η G, not through G.
-      grads = jax.lax.stop_gradient(grads)
-    new_fast, new_opt = [], []
-    for i in range(cfg.n_layers):
-      layer_fast, layer_opt = [], []
-      for slot, tx in enumerate(optimizers):
-        g = cms.clip_per_sequence(grads[i][slot], cfg.inner_clip)
-        updates, opt = tx.update(g, carry["opt"][i][slot], fast[i][slot])
-        layer_fast.append(optax.apply_updates(fast[i][slot], updates))
-        layer_opt.append(opt)
-      new_fast.append(layer_fast)
-      new_opt.append(layer_opt)
-    written = {"mixers": mixers, "fast": new_fast}
-    if not cfg.write_gradient:
-      written = jax.lax.stop_gradient(written)
-    new = {"position": carry["position"] + cfg.chunk_size, "opt": new_opt, **written}
-    return layers.place(new), logits
+    new_fast, new_opt = fast, carry["opt"]
+    if cms_writes:
+      if not cfg.cms_second_order:
+        # First order: the inner gradient is data to the outer loss (as in first-order MAML);
+        # the outer gradient still flows through every write W ← W − η G, not through G.
+        grads = jax.lax.stop_gradient(grads)
+      new_fast, new_opt = [], []
+      for i in range(cfg.n_layers):
+        layer_fast, layer_opt = [], []
+        for slot, tx in enumerate(optimizers):
+          g = cms.clip_per_sequence(grads[i][slot], cfg.inner_clip)
+          updates, opt = tx.update(g, carry["opt"][i][slot], fast[i][slot])
+          layer_fast.append(optax.apply_updates(fast[i][slot], updates))
+          layer_opt.append(opt)
+        new_fast.append(layer_fast)
+        new_opt.append(layer_opt)
+      if not cfg.write_gradient:   # the memories stop theirs inside the mixer
+        new_fast = jax.lax.stop_gradient(new_fast)
+    new = {"position": carry["position"] + cfg.chunk_size, "mixers": mixers, "fast": new_fast,
+           "opt": new_opt}
+    return new, logits
 
-  state, logits = jax.lax.scan(chunk_step, layers.place(state),
-                               memory.chunks(tokens, cfg.chunk_size, 1))
-  return memory.unchunk(logits, 1), state
-
+  targets, weights = shifted_targets(tokens, lookahead)
+  state, logits = memory.scan_chunks(chunk_step, state, (tokens, targets, weights),
+                                     chunk=cfg.chunk_size, axis=1, remat=cfg.remat)
+  return logits, state

@@ -4,10 +4,11 @@ Block: `h ← h + LMM(norm(h))`, `h ← h + SwiGLU(norm(h))`. The LMM per head:
 q, k, v = SiLU(conv(x W_{q,k,v})) with q, k L2-normalised; data-dependent step size
 θ_t = theta_scale · softplus(·), momentum decay β_t = sigmoid(·) and forget gate
 α_t = sigmoid(·) from one linear map of x; the deep memory M (2-layer residual MLP, learned
-initial state) is read at the chunk-start state and written with `memory.titans_rule`
-(momentum + forgetting, gradients at the chunk start); output = W_o (RMSNorm(o) ⊙
-SiLU(x W_g)). The memory state is carried explicitly: `init_state` / `stream` continue
-test-time learning across segments with the same result as one pass.
+initial state) is read at the chunk-start state and written per token with momentum and
+forgetting, S_t = β_t S_{t−1} − θ_t ∇ℓ_t, M_t = (1 − α_t) M_{t−1} + S_t, the gradients taken
+at the chunk start (`memory.titans_scan`); output = W_o (RMSNorm(o) ⊙ SiLU(x W_g)). The
+memory state is carried explicitly: `init_state` / `stream` continue test-time learning
+across segments with the same result as one pass.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from flax import nnx
 
 from nested import cms, layers, memory
 from nested.errors import UserError
-from nested.models.hope import (MemoryInit, _conv_kernel, _heads, _kernel, _merge_heads,
-                                 embed, readout)
+from nested.models.hope import embed, readout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +34,10 @@ class TitansConfig:
   mem_hidden: int = 64           # hidden width of the memory MLP (per head)
   chunk_size: int = 16           # tokens per chunk of the memory's scan
   theta_scale: float = 0.1       # θ_t = theta_scale · softplus(·)
-  inner_clip: float = 1.0        # global-norm clip of each inner gradient; 0 = off
+  inner_clip: float = 1.0        # bound on each token's inner step norm ‖θ_t ∇ℓ_t‖; 0 = off
   write_gradient: bool = True    # outer gradient through the memory writes (else stop-grad)
+  memory_writes: bool = True     # False: the memory never changes (the memory-off control)
+  remat: str = "chunk"           # what backprop keeps of the chunk scan: memory.scan_chunks
   conv_width: int = 4
   tie_embeddings: bool = False
   dtype: str = "float32"         # compute dtype of the projections; the memory runs in fp32
@@ -43,6 +45,8 @@ class TitansConfig:
   def __post_init__(self):
     if self.d_model % self.n_heads:
       raise UserError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+    if self.remat not in memory.REMAT:
+      raise UserError(f"model.remat={self.remat!r}; choose one of {memory.REMAT}")
 
 
 class LMM(nnx.Module):
@@ -55,12 +59,13 @@ class LMM(nnx.Module):
     self.w_k = layers.linear(d, d, stddev=0.02, dtype=dtype, rngs=rngs)
     self.w_v = layers.linear(d, d, stddev=0.02, dtype=dtype, rngs=rngs)
     self.w_g = layers.linear(d, d, stddev=0.02, dtype=dtype, rngs=rngs)
-    self.conv_q, self.conv_k, self.conv_v = (_conv_kernel(cfg.conv_width, d) for _ in range(3))
+    self.conv_q, self.conv_k, self.conv_v = (layers.conv_kernel(cfg.conv_width, d)
+                                             for _ in range(3))
     self.w_gates = layers.linear(d, 3 * h, stddev=0.02, dtype=dtype, rngs=rngs)
     # θ ≈ theta_scale · softplus(0), β ≈ sigmoid(2) ≈ 0.88, α ≈ sigmoid(-5) ≈ 0.007 at init.
     self.gate_bias = nnx.Param(jnp.concatenate(
         [jnp.zeros((h,)), jnp.full((h,), 2.0), jnp.full((h,), -5.0)]).astype(jnp.float32))
-    self.memory = MemoryInit(h, d // h, cfg.mem_hidden, rngs=rngs)
+    self.memory = layers.MemoryInit((h,), d // h, cfg.mem_hidden, rngs=rngs)
     self.out_norm = layers.RMSNorm(d)
     self.w_o = layers.linear(d, d, stddev=layers.residual_stddev(cfg.n_layers), dtype=dtype,
                              rngs=rngs)
@@ -77,7 +82,7 @@ class TitansBlock(nnx.Module):
 
 def lmm_init_state(cfg: TitansConfig, p: dict, batch: int) -> dict:
   conv = jnp.zeros((batch, cfg.conv_width - 1, cfg.d_model), jnp.float32)
-  return {"memory": memory.titans_init_state(p["memory"], batch, clip_norm=cfg.inner_clip),
+  return {"memory": memory.titans_init_state(p["memory"], batch),
           "conv_q": conv, "conv_k": conv, "conv_v": conv}
 
 
@@ -87,19 +92,22 @@ def lmm(cfg: TitansConfig, p: dict, state: dict, x: jax.Array):
 
   def projected(name):
     y, new_state[f"conv_{name}"] = layers.causal_depthwise_conv(
-        _kernel(p[f"w_{name}"], x).astype(jnp.float32), p[f"conv_{name}"], state[f"conv_{name}"])
-    return _heads(jax.nn.silu(y), cfg.n_heads)
+        layers.kernel_matmul(p[f"w_{name}"], x).astype(jnp.float32), p[f"conv_{name}"],
+        state[f"conv_{name}"])
+    return layers.split_heads(jax.nn.silu(y), cfg.n_heads)
 
   q, k, v = memory.l2_normalize(projected("q")), memory.l2_normalize(projected("k")), projected("v")
-  gates = (_kernel(p["w_gates"], x).astype(jnp.float32) + p["gate_bias"]).transpose(0, 2, 1)
-  step, decay, forget = jnp.split(gates, 3, axis=1)                          # [B, H, T] each
+  gates = layers.kernel_matmul(p["w_gates"], x).astype(jnp.float32) + p["gate_bias"]
+  step, decay, forget = jnp.split(gates.transpose(0, 2, 1), 3, axis=1)       # [B, H, T] each
+  # β = sigmoid(decay) and 1 − α = sigmoid(−forget), as logs: the chunk form works in logs.
   out, new_state["memory"] = memory.titans_scan(
-      state["memory"], q, k, v, cfg.theta_scale * jax.nn.softplus(step), jax.nn.sigmoid(decay),
-      jax.nn.sigmoid(forget), chunk=cfg.chunk_size, clip_norm=cfg.inner_clip,
-      write_gradient=cfg.write_gradient)
-  gated = cms.rms_norm(p["out_norm"]["scale"], _merge_heads(out)) * jax.nn.silu(
-      _kernel(p["w_g"], x).astype(jnp.float32))
-  return _kernel(p["w_o"], gated.astype(x.dtype)), new_state
+      state["memory"], q, k, v, cfg.theta_scale * jax.nn.softplus(step),
+      jax.nn.log_sigmoid(decay), jax.nn.log_sigmoid(-forget), chunk=cfg.chunk_size,
+      clip_norm=cfg.inner_clip, write_gradient=cfg.write_gradient, writes=cfg.memory_writes,
+      remat=cfg.remat)
+  gated = layers.rms_norm(p["out_norm"]["scale"], layers.merge_heads(out)) * jax.nn.silu(
+      layers.kernel_matmul(p["w_g"], x).astype(jnp.float32))
+  return layers.kernel_matmul(p["w_o"], gated.astype(x.dtype)), new_state
 
 
 class Titans(nnx.Module):
@@ -118,8 +126,14 @@ class Titans(nnx.Module):
     """Each layer's memory at its learned initial state, zero momentum, empty conv history."""
     return init_state(self.cfg, self._params(), batch)
 
-  def stream(self, tokens: jax.Array, state: dict) -> tuple[jax.Array, dict]:
-    """Logits of a segment [B, T] (T a multiple of chunk_size) and the state after it."""
+  def stream(self, tokens: jax.Array, state: dict,
+             lookahead: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Logits of a segment [B, T] (T a multiple of chunk_size) and the state after it.
+
+    `lookahead` (the token after the segment) is accepted for the models' common streaming
+    interface and unused: Titans' writes depend on inputs only, not on next-token targets.
+    """
+    del lookahead
     return run(self.cfg, self._params(), tokens, state)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -145,9 +159,10 @@ def run(cfg: TitansConfig, params: dict, tokens: jax.Array, state: dict):
   new_layers = []
   for i in range(cfg.n_layers):
     p = params["layers"][i]
-    y, layer_state = lmm(cfg, p["lmm"], state["layers"][i], cms.rms_norm(p["mixer_norm"]["scale"], h))
+    normed = layers.rms_norm(p["mixer_norm"]["scale"], h)
+    y, layer_state = lmm(cfg, p["lmm"], state["layers"][i], normed)
     new_layers.append(layer_state)
     h = h + y.astype(h.dtype)
-    h = h + cms.swiglu(p["mlp"], cms.rms_norm(p["mlp_norm"]["scale"], h)).astype(h.dtype)
+    h = h + cms.swiglu(p["mlp"], layers.rms_norm(p["mlp_norm"]["scale"], h)).astype(h.dtype)
   return readout(cfg, params, h), {"layers": new_layers}
 
