@@ -1,6 +1,6 @@
 """Which runs `--mode=tables` puts beside the paper's Table 1: `--config=configs/tables.py:<name>`.
 
-mini  the CPU mini protocol (README): Transformer++, Titans and HOPE `tiny`, equal parameters
+mini  the CPU mini protocol (README): Transformer++, Titans, HOPE, HOPE-Attention `tiny`, equal parameters
       and training tokens on the bundled corpus, seeds 0-2, compared with the 760M rows.
 760m  the full-scale rows, from runs of configs/<model>.py:760m in runs/<model>_760m.
 1p3b  likewise for 1.3B.
@@ -8,7 +8,8 @@ mini  the CPU mini protocol (README): Transformer++, Titans and HOPE `tiny`, equ
 
 import ml_collections
 
-MODELS = (("Transformer++", "transformer"), ("Titans (LMM)", "titans"), ("HOPE", "hope"))
+MODELS = (("Transformer++", "transformer"), ("Titans (LMM)", "titans"), ("HOPE", "hope"),
+          ("HOPE-Attention", "hope_attention"))
 SEEDS = (0, 1, 2)
 
 

@@ -68,7 +68,7 @@ def fired_levels(opt_state) -> dict[str, jax.Array]:
 class Experiment:
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  dataset: data.Dataset
+  dataset: data.Dataset | None
   graphdef: nnx.GraphDef
   abstract_params: Any
   optimizer: optax.GradientTransformation
@@ -99,11 +99,17 @@ def _check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   mesh_lib.check_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-  """Loads the data and checks the config; allocates no parameters."""
+def build(config: ml_collections.ConfigDict, *, load_data: bool = True) -> Experiment:
+  """Loads the data and checks the config; allocates no parameters.
+
+  load_data=False leaves `dataset` None: enough to compile (and measure) the train step of
+  a preset whose data is not on this machine.
+  """
   graphdef, abstract_params = models.abstract(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   _check_train_config(config, mesh)
+  if not load_data:
+    return Experiment(config, mesh, None, graphdef, abstract_params, make_optimizer(config))
   dataset = data.load_dataset(config.data)
   if dataset.vocab_size > config.model.vocab_size:
     raise UserError(

@@ -1,0 +1,100 @@
+"""Device memory and compile time of each preset's train step, from XLA, without running it.
+
+  python experiments/bench_memory.py --preset=small                      # one device
+  python experiments/bench_memory.py --preset=760m --devices=8 --fsdp=8  # 8 devices, FSDP
+  python experiments/bench_memory.py --preset=small --models=hope --set=model.remat=nested
+
+For each model the real train step (`experiments.train.jit_train_step`) is lowered at the
+preset's global batch and compiled for `--devices` CPU devices standing in for GPUs
+(`--xla_force_host_platform_device_count`); nothing is allocated. Bytes are per device, from
+`compiled.memory_analysis()`: arguments (train state + batch), temporaries (activations and
+what the backward pass keeps), and the total against a budget (70 GB by default, the
+headroom of an 80 GB GPU). The printed table goes to BENCHMARKS.md.
+"""
+
+import os
+import sys
+
+
+def _devices_from_argv() -> int:
+  for arg in sys.argv[1:]:
+    if arg.startswith("--devices="):
+      return int(arg.split("=", 1)[1])
+  return 1
+
+
+# The CPU device count is read when jax initialises its backend: set it first.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={_devices_from_argv()}")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import footprint, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+
+flags.DEFINE_string("preset", "small", "Preset of every config file.")
+flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
+flags.DEFINE_integer("devices", 1, "CPU devices standing in for accelerators.")
+flags.DEFINE_integer("fsdp", 1, "config.mesh.fsdp (the rest of the devices go to data).")
+flags.DEFINE_float("budget_gb", 70.0, "Per-device budget the table compares against.")
+flags.DEFINE_multi_string("set", [], "Config overrides, e.g. --set=model.remat=nested.")
+FLAGS = flags.FLAGS
+
+
+def preset_config(name: str):
+  config = importlib.import_module(f"configs.{name}").get_config(FLAGS.preset)
+  config.mesh.fsdp, config.mesh.data = FLAGS.fsdp, -1
+  for item in FLAGS.set:
+    key, value = item.split("=", 1)
+    try:
+      value = eval(value, {})  # numbers, True/False, quoted strings
+    except (NameError, SyntaxError):
+      pass
+    section, field = key.rsplit(".", 1)
+    target = config
+    for part in section.split("."):
+      target = target[part]
+    if field in target:
+      target[field] = value
+  return config
+
+
+def measure(config) -> footprint.Footprint:
+  exp = state_lib.build(config, load_data=False)
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
+                               sharding=mesh_lib.batch_sharding(exp.mesh))
+  return footprint.compile_step(train.jit_train_step(exp), state_lib.abstract_state(exp), batch)[1]
+
+
+def fits(f: footprint.Footprint, config, budget: float) -> str:
+  if f.total <= budget:
+    return "yes"
+  accum = footprint.fitting_grad_accum(f, config, budget)
+  return f"no: grad_accum={accum} would (est.)" if accum else "no"
+
+
+def main(argv):
+  del argv
+  print(f"{datetime.date.today()}, jax {jax.__version__}, {jax.device_count()} × "
+        f"{jax.devices()[0].device_kind} devices, mesh fsdp={FLAGS.fsdp}; overrides {FLAGS.set}")
+  print("| model | preset | batch × context | grad_accum | arguments | temporaries | total "
+        f"| fits {FLAGS.budget_gb:.0f} GB | compile |")
+  print("|---|---|---|---:|---:|---:|---:|---|---:|")
+  budget = FLAGS.budget_gb * 2**30
+  for name in FLAGS.models:
+    config = preset_config(name)
+    f = measure(config)
+    t = config.train
+    print(f"| {config.model.name} | {FLAGS.preset} | {t.batch_size} × {t.seq_len} | "
+          f"{t.grad_accum} | {footprint.gb(f.arguments)} | {footprint.gb(f.temporaries)} | "
+          f"{footprint.gb(f.total)} | {fits(f, config, budget)} | "
+          f"{f.compile_seconds:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

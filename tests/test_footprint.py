@@ -1,0 +1,32 @@
+"""The memory footprint of a compiled train step (experiments/footprint.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import micro_config
+from experiments import footprint, mesh as mesh_lib, state as state_lib, train
+
+
+def test_footprint_of_the_micro_step_holds_the_state_it_is_given(cache_dir):
+  config = micro_config(cache_dir)
+  exp = state_lib.build(config, load_data=False)
+  assert exp.dataset is None
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
+                               sharding=mesh_lib.batch_sharding(exp.mesh))
+  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.abstract_state(exp), batch)
+  param_bytes = sum(np.prod(x.shape) * x.dtype.itemsize
+                    for x in jax.tree.leaves(exp.abstract_params))
+  # The arguments are the train state (parameters and AdamW's two moments) and the batch.
+  assert f.arguments >= 3 * param_bytes
+  assert f.temporaries > 0 and f.total >= f.arguments and f.compile_seconds > 0
+
+
+def test_fitting_grad_accum_scales_the_temporaries_by_the_micro_batch(cache_dir):
+  config = micro_config(cache_dir, **{"train.batch_size": 8})
+  f = footprint.Footprint(arguments=10, outputs=5, temporaries=100, aliased=5,
+                          compile_seconds=1.0)
+  # fixed 10 bytes + 100 / accum ≤ budget
+  assert footprint.fitting_grad_accum(f, config, budget=60) == 2
+  assert footprint.fitting_grad_accum(f, config, budget=36) == 4
+  assert footprint.fitting_grad_accum(f, config, budget=10) is None
