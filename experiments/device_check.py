@@ -347,7 +347,7 @@ def train_model(model: str, s: Settings) -> dict:
   if attempts:
     result["out_of_memory_attempts"] = attempts
   if model == "transformer":
-    peak, source = timing.peak_tflops(s.peak_tflops)
+    peak, source = timing.peak_tflops(s.peak_tflops, n=256 if s.smoke else 2048)
     flops = timing.model_flops_per_token(config, r["params"]) * r["tokens_per_step"]
     result.update(model_flops_per_step=flops, achieved_tflops=flops / r["step_s"] / 1e12,
                   peak_tflops=peak, peak_source=source,

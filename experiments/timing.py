@@ -160,7 +160,7 @@ def measured_matmul_tflops(n: int = 2048, reps: int = 10) -> float:
   return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def peak_tflops(override: float = 0.0) -> tuple[float, str]:
+def peak_tflops(override: float = 0.0, n: int = 2048) -> tuple[float, str]:
   """(device peak TFLOP/s, where it comes from): the override, the datasheet, else measured."""
   if override:
     return override, "given on the command line"
@@ -168,7 +168,7 @@ def peak_tflops(override: float = 0.0) -> tuple[float, str]:
   tflops = datasheet_tflops(kind)
   if tflops is not None:
     return tflops, f"datasheet dense bf16 peak of {kind}"
-  return measured_matmul_tflops(), f"measured float32 2048² matmul on {kind}"
+  return measured_matmul_tflops(n), f"measured float32 {n}² matmul on {kind}"
 
 
 def model_flops_per_token(config, n_params: int) -> float:
