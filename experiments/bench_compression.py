@@ -22,12 +22,9 @@ so XLA cannot hoist the work out of the loop. Nothing here is a test; numbers go
 BENCHMARKS.md by hand.
 """
 
-import dataclasses
 import datetime
-import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +36,8 @@ from absl import app, flags  # noqa: E402
 
 import compression  # noqa: E402
 from compression import codecs, kernels, progressive  # noqa: E402
+from experiments.timing import (best, synthetic, tiles_for, time_copy, time_decode,  # noqa: E402
+                                time_matmul)
 
 flags.DEFINE_enum("mode", "auto", ["auto", "check", "time"],
                   "check: tables + interpret-mode correctness; time: kernel timings; auto: "
@@ -55,14 +54,6 @@ FLAGS = flags.FLAGS
 
 BF16 = ml_dtypes.bfloat16
 DTYPES = {"bfloat16": BF16, "float16": np.float16, "float32": np.float32}
-
-
-def synthetic(kind: str, shape, dtype, seed: int) -> np.ndarray:
-  """Trained-like weights: std 0.02, Gaussian or Student-t with 3 degrees of freedom."""
-  rng = np.random.default_rng(seed)
-  if kind == "normal":
-    return rng.normal(0, 0.02, shape).astype(dtype)
-  return (rng.standard_t(3, shape) * 0.02 / math.sqrt(3)).astype(dtype)
 
 
 def table(header: list[str], rows: list[list]) -> None:
@@ -151,70 +142,6 @@ def kernel_check(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- time mode
-
-
-def timed(fn, *args, iters: int) -> float:
-  """Seconds per iteration of a jitted fori_loop of `iters` iterations over fn."""
-  jax.block_until_ready(fn(*args))          # compile and warm up
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return (time.perf_counter() - start) / iters
-
-
-def _never(i, iters):
-  """0 on every iteration, but XLA cannot know it: ties an operand to the loop index."""
-  return (i >= iters).astype(jnp.uint32)
-
-
-def time_copy(w, iters):
-  bits = jax.lax.bitcast_convert_type(w, jnp.uint16)
-
-  @jax.jit
-  def run(bits):
-    return jax.lax.fori_loop(0, iters, lambda i, b: b ^ _never(i, iters).astype(jnp.uint16),
-                             bits)
-  return timed(run, bits, iters=iters)
-
-
-def time_decode(t, iters, **kwargs):
-  meta = "bases" if t.codec == "exact" else "scales"
-
-  @jax.jit
-  def run(t):
-    def body(i, out):
-      salted = dataclasses.replace(t, **{meta: getattr(t, meta) ^ _never(i, iters)})
-      return kernels.decode(salted, **kwargs)
-    return jax.lax.fori_loop(0, iters, body, jnp.zeros(t.shape, jnp.dtype(t.dtype)))
-  return timed(run, t, iters=iters)
-
-
-def time_matmul(matmul, x, w, iters):
-  scale = 1.0 / (0.02 * math.sqrt(x.shape[-1]))     # keeps the iterated x at unit scale
-
-  @jax.jit
-  def run(x, w):
-    def body(_, x):
-      return (matmul(x, w).astype(jnp.float32) * scale).astype(x.dtype)
-    return jax.lax.fori_loop(0, iters, body, x)
-  return timed(run, x, w, iters=iters)
-
-
-def best(fn, block_ns):
-  """(seconds, block_n) of the fastest column tile; failures are reported, not hidden."""
-  results = []
-  for bn in block_ns:
-    try:
-      results.append((fn(bn), bn))
-    except Exception as e:  # noqa: BLE001 -- a tile that does not compile is data
-      print(f"  block_n={bn}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-  return min(results) if results else (float("nan"), None)
-
-
-def tiles_for(gpu_backend, block_ns):
-  """The column tiles a backend takes: Mosaic GPU's are multiples of 64."""
-  if jax.default_backend() == "gpu" and gpu_backend == "mosaic":
-    return [bn for bn in block_ns if bn % 64 == 0]
-  return block_ns
 
 
 def timings(sizes, batches, block_ns, iters, seed, gpu_backends) -> None:

@@ -111,21 +111,21 @@ def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str,
 
 
 def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], *, where: str,
-             base: str) -> ml_collections.ConfigDict:
+             base: str, owner: str = "The sweep's") -> ml_collections.ConfigDict:
   """A copy of `config` with `overrides` ({"section.field": value}) applied; a field the config
-  lacks or a value of the wrong type is a UserError that names it."""
+  lacks or a value of the wrong type is a UserError that names it (as `owner` `where`)."""
   config = config.copy_and_resolve_references()
   fields = leaf_paths(config)
   for path, value in overrides.items():
     if path not in fields:
       close = difflib.get_close_matches(path, fields, n=2)
       hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-      raise UserError(f"The sweep's {where} names {path!r}, which is not a field of {base}.{hint} "
+      raise UserError(f"{owner} {where} names {path!r}, which is not a field of {base}.{hint} "
                       f"Fields are written section.field, as in --config.section.field.")
     try:
       config.update_from_flattened_dict({path: value})
     except (TypeError, ValueError) as e:
-      raise UserError(f"The sweep's {where} sets {path}={value!r}, but that field holds "
+      raise UserError(f"{owner} {where} sets {path}={value!r}, but that field holds "
                       f"{type(fields[path]).__name__} values in {base} ({e}).") from e
   return config
 
