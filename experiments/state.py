@@ -162,7 +162,7 @@ def latest_checkpoint(workdir: str):
   latest = None
   if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     mngr = checkpoint.manager(workdir, read_only=True)
-    latest = checkpoint.latest_record(mngr)
+    latest = checkpoint.latest_record(mngr, workdir)
   if latest is None:
     raise UserError(f"No checkpoints in {workdir}: train first (--mode=train with this "
                     f"--workdir), or point --workdir at a finished run.")
