@@ -188,7 +188,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
     state = compress_state(exp, on_device, state)
   train_step = jit_train_step(exp, on_device)
   guard = checkpoint.NonFiniteGuard(cfg.on_nonfinite, mngr, workdir)
-  record = {**exp.record, "resumed_from": cfg.resume_step}
+  ckpt_record = {**exp.record, "resumed_from": cfg.resume_step}
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None
   progress = metrics_lib.Progress(start, cfg.steps, state_lib.tokens_per_step(exp.config))
   schedule = state_lib.learning_rate_schedule(cfg)
@@ -218,7 +218,8 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
           writer.write({"step": done, **{f"val/{k}": v for k, v in results.items()}})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
         guard.check()
-        checkpoint.save(mngr, done, dense_state(state) if on_device else state, record, workdir)
+        checkpoint.save(mngr, done, dense_state(state) if on_device else state, ckpt_record,
+                        workdir)
       if stop:
         checkpoint.finish(mngr, workdir)
         logging.warning("SIGTERM: saved the checkpoint at step %d; exiting. Re-run the same "
