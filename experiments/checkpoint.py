@@ -5,15 +5,23 @@ model's hyper-parameters and every parameter's shape). Before anything is writte
 into a workdir that already holds checkpoints, that record is compared with the
 current config, so a run never resumes from — or overwrites — another model's
 checkpoint.
+
+Integrity (issue 17): the record also holds a checksum of every array of the saved state,
+computed on the device before the async write, and a digest of the record itself. A restore
+verifies both before the state is used; a mismatch is a UserError naming the damaged arrays
+and the newest checkpoint that verifies, never garbage weights. A state with non-finite
+values is never saved, so rotation never deletes a good checkpoint for a bad one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -52,33 +60,322 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: st
         f"saved run, pass the config it was trained with (its copy is {workdir}/config.json).")
 
 
-def latest_record(mngr: ocp.CheckpointManager) -> tuple[int, dict[str, Any]] | None:
-  """The latest step and its model record, without loading any arrays."""
-  step = mngr.latest_step()
+def _mix32(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finalizer: every input bit flips about half the output bits."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32 (64-bit elements become two words)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """sum_i mix(bits_i ^ mix(i)) mod 2^32: position-dependent, and exact integer addition
+  makes it independent of how the array is sharded (a restore may reshard)."""
+  bits = _bits(x)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(bits.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride)
+    stride *= bits.shape[d]
+  return jnp.sum(_mix32(bits ^ _mix32(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(state):
+  """(checksum of every leaf, whether every value is finite per leaf), computed on device."""
+  finite = lambda x: (jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True))
+  return jax.tree.map(_array_checksum, state), jax.tree.map(finite, state)
+
+
+def fingerprint(state) -> tuple[dict[str, str], list[str]]:
+  """({array path: checksum hex}, paths of arrays holding NaN or inf) of a train state."""
+  checksums, finite = jax.device_get(_fingerprint(state))
+  name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
+  return ({name(p): f"{int(c):08x}" for p, c in jax.tree_util.tree_flatten_with_path(checksums)[0]},
+          [name(p) for p, f in jax.tree_util.tree_flatten_with_path(finite)[0] if not f])
+
+
+def _digest(record: dict[str, Any]) -> str:
+  body = {k: v for k, v in record.items() if k != "digest"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _record_file(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(step_dir(mngr, step), "record", "metadata")
+
+
+class Damaged(Exception):
+  """A checkpoint that fails verification; `what` says which part and how."""
+
+  def __init__(self, step: int, what: str):
+    super().__init__(what)
+    self.step, self.what = step, what
+
+
+def read_record(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The record of `step`, verified against its digest; `Damaged` if unreadable or altered."""
+  path = _record_file(mngr, step)
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    record = restored["record"]
+  except Exception as e:  # any failure to read or parse a stored file is damage to it
+    raise Damaged(step, f"its record {path} is unreadable ({type(e).__name__})") from e
+  if not isinstance(record, dict) or "model" not in record or (
+      "digest" in record and record["digest"] != _digest(record)):
+    raise Damaged(step, f"its record {path} does not match its digest")
+  return record
+
+
+def latest_record(mngr: ocp.CheckpointManager, workdir: str = "", step: int | None = None,
+                  abstract_state=None) -> tuple[int, dict[str, Any]] | None:
+  """The latest step (or `step`) and its verified model record, without loading arrays (with
+  `abstract_state`, a damaged record's error names the newest checkpoint that verifies)."""
+  step = mngr.latest_step() if step is None else step
   if step is None:
     return None
-  restored = mngr.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-  return step, restored["record"]
+  try:
+    return step, read_record(mngr, step)
+  except Damaged as e:
+    raise damaged_error(mngr, e, workdir, abstract_state) from e
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, record: dict[str, Any]) -> None:
-  """Starts an async save; orbax writes to a temporary directory and renames when done."""
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          record=ocp.args.JsonSave(record)), force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state, record: dict[str, Any],
+         workdir: str = "") -> None:
+  """Starts an async save (orbax writes to a temporary directory and renames when done),
+  after computing every array's checksum on the device. Refuses a non-finite state."""
+  checksums, nonfinite = fingerprint(state)
+  if nonfinite:
+    raise UserError(
+        f"At step {step} the train state holds NaN or inf ({', '.join(nonfinite[:4])}"
+        f"{', ...' if len(nonfinite) > 4 else ''}): it was not saved, and the checkpoints "
+        f"already in {mngr.directory} are untouched ({last_good(mngr)}). Lower "
+        f"--config.train.lr, or pass --config.train.on_nonfinite=skip to drop such steps.")
+  record = {**record, "step": step, "checksums": checksums}
+  record["digest"] = _digest(record)
+  try:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            record=ocp.args.JsonSave(record)), force=True)
+  except OSError as e:
+    raise write_error(mngr, step, e, workdir) from e
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, workdir: str):
-  """Restores the state at `step` onto the shardings of `abstract_state`."""
+def finish(mngr: ocp.CheckpointManager, workdir: str = "") -> None:
+  """Waits for the async save in flight; a failed write becomes a UserError."""
+  try:
+    mngr.wait_until_finished()
+  except OSError as e:
+    raise write_error(mngr, None, e, workdir) from e
+
+
+def write_error(mngr, step: int | None, e: OSError, workdir: str) -> UserError:
+  return UserError(
+      f"Writing the checkpoint{f' at step {step}' if step else ''} to {mngr.directory} failed "
+      f"({type(e).__name__}: {e.strerror or e}). Orbax writes into a temporary directory and "
+      f"renames it only when complete, so the earlier checkpoints are intact "
+      f"({last_good(mngr)}). Free space or fix the permissions of --workdir={workdir or '.'} "
+      f"and re-run the same command: it resumes from the latest checkpoint.")
+
+
+def last_good(mngr: ocp.CheckpointManager) -> str:
+  steps = mngr.all_steps()
+  return f"the latest is step {max(steps)}" if steps else "none was saved yet"
+
+
+def _verify(mngr, step: int, record: dict[str, Any], abstract_state):
+  """The restored state at `step`, or `Damaged` naming the arrays that fail their checksum."""
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))["state"]
+  except Exception as e:  # the tree matches the record, so a failed read is damage
+    raise Damaged(step, f"its arrays could not be read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+  checksums, _ = fingerprint(restored)
+  bad = [name for name, c in record["checksums"].items() if checksums.get(name) != c]
+  if bad:
+    raise Damaged(step, f"{len(bad)} array(s) fail their checksum: "
+                        f"{', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}")
+  return restored
+
+
+def newest_intact(mngr, below: int, abstract_state) -> int | None:
+  """The newest step before `below` whose record and arrays verify."""
+  for step in sorted((s for s in mngr.all_steps() if s < below), reverse=True):
+    try:
+      record = read_record(mngr, step)
+      if "checksums" in record:
+        _verify(mngr, step, record, abstract_state)
+      return step
+    except Damaged:
+      continue
+  return None
+
+
+def damaged_error(mngr, e: Damaged, workdir: str, abstract_state) -> UserError:
+  intact = newest_intact(mngr, e.step, abstract_state) if abstract_state is not None else None
+  older = [s for s in mngr.all_steps() if s < e.step]
+  if intact is not None:
+    fix = (f"The newest intact checkpoint is step {intact}: resume from it with "
+           f"--config.train.resume_step={intact} (the checkpoints after it are moved to "
+           f"{set_aside_dir(workdir or '.')}, not deleted).")
+  elif older and abstract_state is None:
+    fix = (f"Older checkpoints exist (steps {', '.join(map(str, older))}): resume from one with "
+           f"--config.train.resume_step=N (the checkpoints after it are moved to "
+           f"{set_aside_dir(workdir or '.')}, not deleted).")
+  else:
+    fix = "No older checkpoint verifies: start again in a new --workdir."
+  return UserError(
+      f"The checkpoint at step {e.step} in {mngr.directory} is damaged: {e.what}. It was not "
+      f"used, and nothing was written. {fix}")
+
+
+def set_aside_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints_set_aside")
+
+
+def set_aside_after(mngr: ocp.CheckpointManager, step: int, workdir: str) -> None:
+  """Moves the checkpoints after `step` out of orbax's sight, so training resumes from
+  `step` and rewrites those steps; nothing is deleted."""
+  if step not in mngr.all_steps():
+    raise UserError(
+        f"config.train.resume_step={step} names no checkpoint in {mngr.directory}; the saved "
+        f"steps are {', '.join(map(str, mngr.all_steps())) or 'none'}.")
+  later = [s for s in mngr.all_steps() if s > step]
+  if not later:
+    return
+  if jax.process_index() == 0:
+    for s in later:
+      target = os.path.join(set_aside_dir(workdir), str(s))
+      if os.path.exists(target):
+        target += f".{os.getpid()}"
+      os.makedirs(set_aside_dir(workdir), exist_ok=True)
+      os.replace(step_dir(mngr, s), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("checkpoint_set_aside")
+  mngr.reload()
+
+
+def apply_resume_step(mngr: ocp.CheckpointManager, resume_step: int, workdir: str) -> None:
+  """config.train.resume_step=N: sets aside the checkpoints after N, unless the latest was
+  written by a run already resumed from N (re-running the same command continues it)."""
+  latest = mngr.latest_step()
+  if not resume_step or latest is None or latest == resume_step:
+    return
+  try:
+    continues = read_record(mngr, latest).get("resumed_from") == resume_step
+  except Damaged:
+    continues = False
+  if not continues:
+    set_aside_after(mngr, resume_step, workdir)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, workdir: str,
+            record: dict[str, Any] | None = None):
+  """Restores the state at `step` onto the shardings of `abstract_state`, verifying every
+  array's checksum (records from before checksums: the tree's fit only)."""
+  if record is None:
+    record = latest_record(mngr, workdir, step)[1]
+  expected = fingerprint_names(abstract_state)
+  if "checksums" in record and sorted(record["checksums"]) != expected:
+    missing = sorted(set(expected) - set(record["checksums"]))
+    extra = sorted(set(record["checksums"]) - set(expected))
+    raise _misfit(step, workdir, f"arrays only in the config: {missing[:3]}; only in the "
+                                 f"checkpoint: {extra[:3]}")
+  if "checksums" in record:
+    try:
+      return _verify(mngr, step, record, abstract_state)
+    except Damaged as e:
+      raise damaged_error(mngr, e, workdir, abstract_state) from e
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
   except (ValueError, KeyError, TypeError) as e:
-    raise UserError(
-        f"The checkpoint at step {step} in {workdir} does not fit the current training state "
-        f"({type(e).__name__}: {str(e)[:300]}). The model matches, so the optimizer config "
-        f"(config.levels / config.train) probably changed since it was saved: restore the "
-        f"saved config ({workdir}/config.json) or start a new --workdir.") from e
+    raise _misfit(step, workdir, f"{type(e).__name__}: {str(e)[:300]}") from e
   return restored["state"]
+
+
+def fingerprint_names(tree) -> list[str]:
+  return sorted(jax.tree_util.keystr(path, simple=True, separator="/")
+                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def _misfit(step: int, workdir: str, detail: str) -> UserError:
+  return UserError(
+      f"The checkpoint at step {step} in {workdir} does not fit the current training state "
+      f"({detail}). The model matches, so the optimizer config "
+      f"(config.levels / config.train) probably changed since it was saved: restore the "
+      f"saved config ({workdir}/config.json) or start a new --workdir.")
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir that can hold checkpoints, or a one-paragraph UserError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a directory: pass a directory (it is "
+                    f"created if missing), e.g. --workdir={workdir}.run.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} cannot be written ({type(e).__name__}: "
+                    f"{e.strerror or e}): pass a directory you can write to, or fix its "
+                    f"permissions or free space.") from e
+
+
+class NonFiniteGuard:
+  """Stops the run (config.train.on_nonfinite="stop") or logs a skipped update ("skip") when a
+  step's loss or gradient norm is NaN or inf. It reads each step's flag one step late, once the
+  next step is queued, so the device never waits for the host."""
+
+  def __init__(self, mode: str, mngr: ocp.CheckpointManager, workdir: str):
+    if mode not in ("stop", "skip"):
+      raise UserError(f"config.train.on_nonfinite={mode!r} must be 'stop' (end the run at a "
+                      f"non-finite loss or gradient norm) or 'skip' (drop that step's update).")
+    self.mode, self.mngr, self.workdir = mode, mngr, workdir
+    self.pending = None
+
+  def watch(self, step: int, metrics: dict[str, Any]) -> None:
+    """Checks the previous step, then keeps `step`'s flag for later."""
+    self.check()
+    self.pending = (step, metrics["nonfinite"], metrics["loss"], metrics["grad_norm"])
+
+  def check(self) -> None:
+    """Checks the step kept last (call before a save: waits for it)."""
+    if self.pending is None:
+      return
+    step, flag, loss, grad_norm = self.pending
+    self.pending = None
+    if not bool(flag):
+      return
+    if self.mode == "skip":
+      from absl import logging
+      logging.warning("step %d: loss %s, gradient norm %s: update skipped "
+                      "(config.train.on_nonfinite=skip).", step, float(loss), float(grad_norm))
+      return
+    raise UserError(
+        f"At step {step} the loss was {float(loss)} and the gradient norm {float(grad_norm)}: "
+        f"the run stopped, and nothing after that step was saved. Last good checkpoint: "
+        f"{last_good(self.mngr)} in {self.mngr.directory} (re-running resumes from it). Lower "
+        f"--config.train.lr or clip harder (config.train.clip_norm), or pass "
+        f"--config.train.on_nonfinite=skip to drop such steps' updates and go on.")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

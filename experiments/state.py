@@ -162,13 +162,16 @@ def abstract_state(exp: Experiment) -> TrainState:
                       shapes, state_shardings(exp, shapes))
 
 
-def latest_checkpoint(workdir: str):
-  """(read-only manager, step, model record) of the workdir's latest checkpoint; a UserError
-  when there is none."""
+def latest_checkpoint(workdir: str, step: int | None = None):
+  """(read-only manager, step, model record) of the workdir's latest checkpoint (or of `step`);
+  a UserError when there is none."""
   latest = None
   if os.path.isdir(checkpoint.checkpoint_dir(workdir)):
     mngr = checkpoint.manager(workdir, read_only=True)
-    latest = checkpoint.latest_record(mngr)
+    if step is not None and step not in mngr.all_steps():
+      raise UserError(f"config.train.resume_step={step} names no checkpoint in {workdir}; the "
+                      f"saved steps are {', '.join(map(str, mngr.all_steps())) or 'none'}.")
+    latest = checkpoint.latest_record(mngr, workdir, step)
   if latest is None:
     raise UserError(f"No checkpoints in {workdir}: train first (--mode=train with this "
                     f"--workdir), or point --workdir at a finished run.")
@@ -177,8 +180,8 @@ def latest_checkpoint(workdir: str):
 
 def latest_step(exp: Experiment, workdir: str):
   """(read-only manager, step) of the workdir's latest checkpoint; a UserError when there is
-  none or it holds another model."""
-  mngr, step, record = latest_checkpoint(workdir)
+  none or it holds another model. config.train.resume_step=N picks step N's instead."""
+  mngr, step, record = latest_checkpoint(workdir, exp.config.train.resume_step or None)
   checkpoint.check_compatible(record, exp.record, workdir)
   return mngr, step
 

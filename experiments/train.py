@@ -30,8 +30,12 @@ from nested.errors import UserError
 
 
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, grad_accum: int,
-                    on_device: compress.OnDevice | None = None):
+                    on_device: compress.OnDevice | None = None, skip_nonfinite: bool = False):
   """The train step, un-jitted. Gradients are averaged over `grad_accum` micro-batches.
+
+  `metrics["nonfinite"]` flags a NaN or inf loss or gradient norm; with `skip_nonfinite`
+  (config.train.on_nonfinite="skip") such a step, or one whose update makes a parameter
+  non-finite, keeps the parameters and optimizer state it started from.
 
   With `on_device` (config.compression.train) some parameters arrive exact-compressed: the
   step decodes them, and re-encodes those whose level fired.
@@ -59,7 +63,15 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     fired = state_lib.fired_levels(opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    grad_norm = optax.tree.norm(grads)
+    nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+    if skip_nonfinite:
+      nonfinite |= ~jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
+                                       for p in jax.tree.leaves(new_params)]))
+      keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(nonfinite, o, n), old, new)
+      new_params, opt_state = keep(params, new_params), keep(state.opt_state, opt_state)
+      fired = {name: f & ~nonfinite for name, f in fired.items()}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite,
                **{f"fired/{name}": f for name, f in fired.items()}}
     if on_device is not None:
       new_params, metrics["compression/overflow"] = on_device.update(state.params, new_params,
@@ -73,7 +85,8 @@ def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | Non
   shardings = state_lib.state_shardings(exp, state_lib.state_shapes(exp, on_device))
   return jax.jit(
       mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum,
-                                          on_device), exp.mesh),
+                                          on_device, exp.config.train.on_nonfinite == "skip"),
+                         exp.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(exp.mesh)),
       out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0)
 
@@ -101,14 +114,18 @@ class _SigtermFlag:
 
 
 def restore_or_init(exp: state_lib.Experiment, mngr, workdir: str) -> TrainState:
-  latest = checkpoint.latest_record(mngr)
+  """The latest checkpoint's state, verified; with config.train.resume_step=N, that of step N
+  (once: the checkpoints after it are set aside, and the ones this run writes remember N)."""
+  checkpoint.apply_resume_step(mngr, exp.config.train.resume_step, workdir)
+  abstract = state_lib.abstract_state(exp)
+  latest = checkpoint.latest_record(mngr, workdir, abstract_state=abstract)
   if latest is None:
     logging.info("No checkpoint in %s: starting from scratch.", workdir)
     return state_lib.init_state(exp)
   step, record = latest
   checkpoint.check_compatible(record, exp.record, workdir)
   logging.info("Resuming from the checkpoint at step %d in %s.", step, workdir)
-  return checkpoint.restore(mngr, step, state_lib.abstract_state(exp), workdir)
+  return checkpoint.restore(mngr, step, abstract, workdir, record)
 
 
 def is_lead_process() -> bool:
@@ -170,6 +187,8 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   if on_device is not None:
     state = compress_state(exp, on_device, state)
   train_step = jit_train_step(exp, on_device)
+  guard = checkpoint.NonFiniteGuard(cfg.on_nonfinite, mngr, workdir)
+  ckpt_record = {**exp.record, "resumed_from": cfg.resume_step}
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None
   progress = metrics_lib.Progress(start, cfg.steps, state_lib.tokens_per_step(exp.config))
   schedule = state_lib.learning_rate_schedule(cfg)
@@ -180,6 +199,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
     for step in range(start, cfg.steps):
       state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh))
       done = step + 1
+      guard.watch(done, step_metrics)
       if on_device is not None and on_device.fires(step):
         check_overflow(int(step_metrics["compression/overflow"]), done, exp.config)
       log_step = done % cfg.log_every == 0 or done == cfg.steps
@@ -197,9 +217,11 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
         if lead:
           writer.write({"step": done, **{f"val/{k}": v for k, v in results.items()}})
       if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
-        checkpoint.save(mngr, done, dense_state(state) if on_device else state, exp.record)
+        guard.check()
+        checkpoint.save(mngr, done, dense_state(state) if on_device else state, ckpt_record,
+                        workdir)
       if stop:
-        mngr.wait_until_finished()
+        checkpoint.finish(mngr, workdir)
         logging.warning("SIGTERM: saved the checkpoint at step %d; exiting. Re-run the same "
                         "command to resume.", done)
         sys.exit(143)
@@ -207,7 +229,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
     sigterm.restore()
     if writer:
       writer.close()
-    mngr.wait_until_finished()
+    checkpoint.finish(mngr, workdir)
     mngr.close()
   return state
 
@@ -215,7 +237,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`--mode=train`: train, then evaluate on the validation split."""
   exp = state_lib.build(config)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_workdir(workdir)
   state = train(exp, workdir)
   results = {"step": int(state.step), **evaluate.evaluate(exp, state.params)}
   if is_lead_process():
