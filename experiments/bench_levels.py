@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import transformer  # noqa: E402
@@ -39,8 +38,7 @@ def time_updates(params, grads, period: int, steps: int) -> float:
   def run(params, opt_state):
     def body(_, carry):
       params, opt_state = carry
-      updates, opt_state = opt.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      return levels.update_and_apply(opt, grads, opt_state, params)
     return jax.lax.fori_loop(0, steps, body, (params, opt_state))
 
   opt_state = opt.init(params)

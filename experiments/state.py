@@ -55,7 +55,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
       schedule=learning_rate_schedule(config.train), make_transform=optimizers.from_config))
   clip = (optax.clip_by_global_norm(config.train.clip_norm) if config.train.clip_norm > 0
           else optax.identity())
-  return optax.chain(clip, learner)
+  return levels.chain(clip, learner)
 
 
 def fired_levels(opt_state) -> dict[str, jax.Array]:

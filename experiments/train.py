@@ -26,6 +26,7 @@ from experiments import checkpoint, compress, data, evaluate, metrics as metrics
 from experiments import mesh as mesh_lib
 from experiments import state as state_lib
 from experiments.state import TrainState
+from nested import levels
 from nested.errors import UserError
 
 
@@ -60,8 +61,8 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
   def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
     params = ctree.decompress(state.params)          # a no-op unless on_device
     loss, grads = loss_and_grads(params, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    # Level-aware: a level that does not fire leaves its params and optimizer state alone.
+    new_params, opt_state = levels.update_and_apply(optimizer, grads, state.opt_state, params)
     fired = state_lib.fired_levels(opt_state)
     grad_norm = optax.tree.norm(grads)
     nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))

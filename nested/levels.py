@@ -4,6 +4,12 @@ A level is a gradient transform with an update period. `every` wraps one transfo
 fires once per `period` steps on the gradients accumulated since it last fired;
 `nested_learner` splits one parameter tree into levels by regex over parameter paths;
 `levels_from_config` builds the levels of `config.levels`.
+
+All three are plain optax transforms (`update` returns zero updates for a level that does
+not fire). `update_and_apply(tx, grads, state, params)` also writes the parameters, and
+for `every`, `nested_learner` and `chain` it does so under each level's own condition: a
+level that does not fire reads and writes neither its parameters nor its inner state; it
+only adds the gradient into its accumulator.
 """
 
 from __future__ import annotations
@@ -26,6 +32,65 @@ _partition = getattr(optax, "partition", None) or optax.multi_transform
 _ACCUMULATE = ("sum", "mean")
 
 
+class LevelAwareTransform(optax.GradientTransformationExtraArgs):
+  """An optax transform that can also apply its own updates, level by level.
+
+  `apply(grads, state, params, **extra_args) -> (new_params, new_state)` equals
+  `update` followed by `optax.apply_updates`, except that a level which does not fire
+  leaves its parameters and inner state as they are instead of adding a zero update.
+  """
+  # A NamedTuple subclass cannot add fields (optax unpacks transforms as (init, update)
+  # pairs), so `apply` lives in the instance dict.
+
+  def __new__(cls, init, update, apply):
+    self = super().__new__(cls, init, update)
+    self.apply = apply
+    return self
+
+
+def update_and_apply(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any,
+                     **extra_args) -> tuple[Any, Any]:
+  """New parameters and state: `tx.apply` where `tx` has one, else update + apply_updates.
+
+  Args:
+    tx: any optax transform; level-aware ones (`every`, `nested_learner`, `chain`) skip the
+      parameters of levels that do not fire.
+    grads: the step's gradients, shaped like `params`.
+    state: `tx`'s state.
+    params: the parameters.
+
+  Returns:
+    (new_params, new_state).
+  """
+  apply = getattr(tx, "apply", None)
+  if apply is not None:
+    return apply(grads, state, params, **extra_args)
+  updates, state = tx.update(grads, state, params, **extra_args)
+  return optax.apply_updates(params, updates), state
+
+
+def chain(*transforms: optax.GradientTransformation) -> LevelAwareTransform:
+  """`optax.chain(*transforms)` (same state) whose last transform applies its own updates.
+
+  The leading transforms (e.g. gradient clipping) transform the gradients; the last one,
+  typically a `nested_learner`, goes through `update_and_apply`.
+  """
+  if not transforms:
+    raise ValueError("chain: give at least one transform.")
+  chained = optax.chain(*transforms)
+  leading = [optax.with_extra_args_support(t) for t in transforms[:-1]]
+
+  def apply_fn(grads, state, params, **extra_args):
+    states = []
+    for tx, s in zip(leading, state):
+      grads, s = tx.update(grads, s, params, **extra_args)
+      states.append(s)
+    new_params, last = update_and_apply(transforms[-1], grads, state[-1], params, **extra_args)
+    return new_params, type(state)(states + [last])
+
+  return LevelAwareTransform(chained.init, chained.update, apply_fn)
+
+
 class EveryState(NamedTuple):
   count: jax.Array        # int32 scalar: `update` calls so far
   accumulator: Any        # gradients since the last firing (EmptyState when period == 1)
@@ -41,14 +106,16 @@ def _accumulator_dtype(dtype):
 
 
 def every(inner: optax.GradientTransformation, period: int, *,
-          accumulate: str = "sum") -> optax.GradientTransformationExtraArgs:
+          accumulate: str = "sum") -> LevelAwareTransform:
   """Applies `inner` once every `period` steps to the gradients accumulated since (SPEC §1).
 
   With g_t the gradient of step t = 1, 2, ... and G_t = Σ_{s=t-period+1..t} g_s (divided by
   `period` when accumulate="mean"):
     u_t, S = inner.update(G_t, S, params)   if t ≡ 0 (mod period)
     u_t = 0, S unchanged                     otherwise (inner is not run: `lax.cond`).
-  period == 1 is `inner` itself, bit for bit.
+  period == 1 is `inner` itself, bit for bit. `update_and_apply` (the returned transform's
+  `apply`) runs the same arithmetic, but a skipped step only adds g_t into the accumulator:
+  params and the inner state pass through the untaken branch of the `lax.cond` unchanged.
 
   Args:
     inner: the transform of the level.
@@ -56,7 +123,7 @@ def every(inner: optax.GradientTransformation, period: int, *,
     accumulate: "sum" or "mean" of the gradients since the last firing.
 
   Returns:
-    A `GradientTransformationExtraArgs` with state `EveryState`.
+    A `LevelAwareTransform` with state `EveryState`.
   """
   if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
     raise ValueError(f"every: period must be a positive int, got {period!r}.")
@@ -97,7 +164,33 @@ def every(inner: optax.GradientTransformation, period: int, *,
     updates, inner_state, accumulator = jax.lax.cond(count % period == 0, fire, skip)
     return updates, EveryState(count, accumulator, inner_state, period_array())
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def apply_fn(grads, state, params, **extra_args):
+    count = state.count + 1
+    if period == 1:
+      updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+      return (optax.apply_updates(params, updates),
+              EveryState(count, state.accumulator, inner_state, period_array()))
+
+    # The branches take what they touch as operands (not closures): a skipped step passes
+    # params and inner state through unchanged, which XLA aliases instead of copying.
+    def fire(params, inner_state, accumulator, grads):
+      total = jax.tree.map(
+          lambda a, g: ((a + g.astype(a.dtype)) / period if accumulate == "mean"
+                        else a + g.astype(a.dtype)).astype(g.dtype), accumulator, grads)
+      updates, inner_state = inner.update(total, inner_state, params, **extra_args)
+      updates = jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads)
+      return (optax.apply_updates(params, updates), inner_state,
+              jax.tree.map(jnp.zeros_like, accumulator))
+
+    def skip(params, inner_state, accumulator, grads):
+      return params, inner_state, jax.tree.map(lambda a, g: a + g.astype(a.dtype),
+                                               accumulator, grads)
+
+    params, inner_state, accumulator = jax.lax.cond(
+        count % period == 0, fire, skip, params, state.inner_state, state.accumulator, grads)
+    return params, EveryState(count, accumulator, inner_state, period_array())
+
+  return LevelAwareTransform(init_fn, update_fn, apply_fn)
 
 
 def fired(state: EveryState) -> jax.Array:
@@ -215,7 +308,7 @@ def label_params(levels: Sequence[Level], params: Any) -> Any:
   return _label_fn(levels)(params)
 
 
-def nested_learner(levels: Sequence[Level]) -> optax.GradientTransformationExtraArgs:
+def nested_learner(levels: Sequence[Level]) -> LevelAwareTransform:
   """One optimizer over a parameter tree split into levels (SPEC §1).
 
   Each parameter belongs to the first level whose pattern `re.search`-es its `param_path`
@@ -225,12 +318,31 @@ def nested_learner(levels: Sequence[Level]) -> optax.GradientTransformationExtra
     levels: the levels, in order of precedence.
 
   Returns:
-    An `optax.partition` of the wrapped levels, keyed by level name.
+    An `optax.partition` of the wrapped levels, keyed by level name, that can also apply
+    its updates level by level (`update_and_apply`).
   """
   label_tree = _label_fn(levels)
   transforms = {level.name: every(level.transform, level.period, accumulate=level.accumulate)
                 for level in levels}
-  return _partition(transforms, label_tree)
+  partitioned = _partition(transforms, label_tree)
+
+  def apply_fn(grads, state, params, **extra_args):
+    # The state is optax.partition's: per level, a MaskedState over the whole tree in
+    # which other levels' leaves are MaskedNode.
+    labels = label_tree(grads)
+    new_params, inner_states = params, {}
+    for name, tx in transforms.items():
+      mask = jax.tree.map(lambda label, name=name: label == name, labels)
+      masked = lambda tree, mask=mask: jax.tree.map(
+          lambda m, x: x if m else optax.MaskedNode(), mask, tree)
+      level_params, level_state = tx.apply(masked(grads), state.inner_states[name].inner_state,
+                                           masked(params), **extra_args)
+      new_params = jax.tree.map(lambda m, new, old: new if m else old, mask, level_params,
+                                new_params)
+      inner_states[name] = state.inner_states[name]._replace(inner_state=level_state)
+    return new_params, state._replace(inner_states=inner_states)
+
+  return LevelAwareTransform(partitioned.init, partitioned.update, apply_fn)
 
 
 def fired_levels(opt_state: Any) -> dict[str, jax.Array]:
