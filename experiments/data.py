@@ -45,14 +45,17 @@ builds a new entry. Entries are written to a temporary directory and renamed int
 crash leaves no half-written entry. Pre-tokenized arrays already in the right dtype are not
 copied: the entry records the split and the array is memory-mapped in place.
 
-Batches. `train_batch` draws random windows of seq_len + 1 tokens (windows may cross document
-separators) from `np.random.default_rng([seed, step])`: a batch is a pure function of
-(seed, step), so resuming reproduces the stream exactly. `eval_batches` walks validation in
+Batches. `train_batch` draws windows of seq_len + 1 tokens (windows may cross document
+separators) without replacement within each epoch: epoch e is a permutation of the
+(size - 1) // seq_len windows tiling the split, shifted by an offset, both drawn from
+`np.random.default_rng([seed, e, tag])`, so a batch is a pure function of (seed, step) and
+resuming reproduces the stream exactly. `eval_batches` walks validation in
 windows whose targets tile it: window i covers tokens [i*seq_len, (i+1)*seq_len], so every
 validation token after the first is predicted exactly once; only full batches are yielded.
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -222,15 +225,43 @@ def train_batch(ds: Dataset, *, seed: int, step: int, batch_size: int, seq_len: 
                 process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """int32 [batch_size // process_count, seq_len + 1]: this process's rows of the global batch.
 
-  The global batch is `batch_size` windows at starts drawn from `default_rng([seed, step])`;
-  process p gets rows [p * b, (p + 1) * b) with b = batch_size // process_count.
+  Windows are drawn without replacement within each epoch: the global stream is window
+  i = step * batch_size + row, taken from epoch i // n at position i % n of that epoch's
+  permutation (`_epoch_starts`), n = `num_train_windows`. Pure in (seed, step), so resume is
+  exact; process p gets rows [p * b, (p + 1) * b) with b = batch_size // process_count.
   """
   _check_fits(ds.train, "training", seq_len)
   rows = _process_rows(batch_size, process_index, process_count)
+  n = num_train_windows(ds, seq_len=seq_len)
+  index = int(step) * batch_size + np.arange(batch_size)[rows]
+  starts = np.empty(len(index), np.int64)
+  for epoch in np.unique(index // n):
+    in_epoch = index // n == epoch
+    starts[in_epoch] = _epoch_starts(int(seed), int(epoch), ds.train.size, seq_len)[index[in_epoch] % n]
+  return _windows(ds.train, starts, seq_len)
+
+
+def num_train_windows(ds: Dataset, *, seq_len: int) -> int:
+  """Windows in one training epoch: disjoint targets tiling the split."""
+  return (ds.train.size - 1) // seq_len
+
+
+def epochs_covered(ds: Dataset, *, steps: int, batch_size: int, seq_len: int) -> float:
+  """How many passes over the training windows `steps` global batches make."""
+  return steps * batch_size / num_train_windows(ds, seq_len=seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_starts(seed: int, epoch: int, size: int, seq_len: int) -> np.ndarray:
+  """Window starts of one epoch, in its order: a shuffled tiling shifted by a random offset.
+
+  The offset (within the tail the tiling leaves) varies the window boundaries between epochs.
+  """
+  n = (size - 1) // seq_len
   # SeedSequence takes non-negative entropy only; the mask is the identity for seeds >= 0.
-  rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(step)])
-  starts = rng.integers(0, ds.train.size - seq_len, size=batch_size)
-  return _windows(ds.train, starts[rows], seq_len)
+  rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x65706F6368])
+  offset = rng.integers(0, size - n * seq_len)
+  return offset + rng.permutation(n).astype(np.int64) * seq_len
 
 
 def eval_batches(ds: Dataset, *, batch_size: int, seq_len: int, max_batches: int | None = None,

@@ -196,6 +196,9 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   sigterm = _SigtermFlag()
   logging.info("Training %s for steps %d..%d on a %s mesh: %s", exp.config.model.name, start + 1,
                cfg.steps, dict(exp.mesh.shape), exp.dataset.description)
+  logging.info("%d steps cover %.3g epochs of the training windows.", cfg.steps,
+               data.epochs_covered(exp.dataset, steps=cfg.steps, batch_size=cfg.batch_size,
+                                   seq_len=cfg.seq_len))
   try:
     for step in range(start, cfg.steps):
       state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh))

@@ -4,6 +4,7 @@ import importlib.metadata
 import json
 import os
 import re
+import types
 
 import ml_collections
 import numpy as np
@@ -119,6 +120,37 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(small):
                                                     seq_len=16))
   train = small.train.astype(np.uint8).tobytes()
   assert all(row.astype(np.uint8).tobytes() in train for row in batch)
+
+
+def test_train_windows_do_not_repeat_within_an_epoch_and_cover_it():
+  # Token t's value is t, so a window is named by its first token; 100 windows of 8 targets.
+  seq_len, batch = 8, 10
+  ds = types.SimpleNamespace(train=np.arange(seq_len * 100 + 5, dtype=np.int64))
+  n = data.num_train_windows(ds, seq_len=seq_len)
+  assert n == 100 and data.epochs_covered(ds, steps=25, batch_size=batch, seq_len=seq_len) == 2.5
+  def epoch(e):
+    starts = np.concatenate([data.train_batch(ds, seed=1, step=s, batch_size=batch,
+                                              seq_len=seq_len)[:, 0]
+                             for s in range(e * n // batch, (e + 1) * n // batch)])
+    return starts
+  for e in (0, 1):
+    starts = epoch(e)
+    assert len(set(starts.tolist())) == n  # no window twice
+    offsets = np.unique(starts % seq_len)
+    assert len(offsets) == 1  # one tiling, all n of its windows: the epoch is covered
+    np.testing.assert_array_equal(np.sort(starts), offsets[0] + seq_len * np.arange(n))
+  assert not np.array_equal(epoch(0), epoch(1))  # each epoch is shuffled afresh
+
+
+def test_train_batch_straddling_an_epoch_boundary_matches_the_stream():
+  # Resume exactness: a batch is the slice [step * b, (step + 1) * b) of one global stream,
+  # whatever batches came before; batch 2 of size 7 over 20 windows straddles epochs 0 and 1.
+  seq_len = 4
+  ds = types.SimpleNamespace(train=np.arange(seq_len * 20 + 1, dtype=np.int64))
+  stream = np.concatenate([data.train_batch(ds, seed=5, step=s, batch_size=1, seq_len=seq_len)
+                           for s in range(21)])
+  np.testing.assert_array_equal(
+      data.train_batch(ds, seed=5, step=2, batch_size=7, seq_len=seq_len), stream[14:21])
 
 
 def test_process_slices_concatenate_to_the_global_batch(small):
