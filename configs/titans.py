@@ -7,6 +7,10 @@ Memory switches: model.chunk_size, model.mem_hidden, model.theta_scale (bound of
 size), model.inner_clip (0 = off), model.write_gradient (False = stop-gradient writes),
 model.memory_writes (False = the memory never changes: the memory-off control),
 model.remat ("chunk" | "nested" | "none": what the backward pass keeps of the chunk scan).
+
+theta_scale is 0.02: with momentum kept per token (β ≈ 0.88 at init) a gradient's total
+step is θ/(1 − β) ≈ 8θ, and at 0.1 `tiny` trained unstably (validation perplexity 18.2 after
+200 steps, against 8.99 at 0.02; seed 0, README's mini protocol).
 """
 
 import ml_collections
@@ -29,7 +33,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   c = transformer.get_config(preset)
   dims = {k: c.model[k] for k in ("vocab_size", "d_model", "n_layers", "n_heads")}
   c.model = ml_collections.ConfigDict(dict(
-      name="titans", theta_scale=0.1, inner_clip=1.0, write_gradient=True, memory_writes=True,
+      name="titans", theta_scale=0.02, inner_clip=1.0, write_gradient=True, memory_writes=True,
       remat="chunk", conv_width=4,
       tie_embeddings=False, dtype=c.model.dtype, **dims, **PRESETS[preset]))
   return c

@@ -33,7 +33,7 @@ class TitansConfig:
   d_ff: int
   mem_hidden: int = 64           # hidden width of the memory MLP (per head)
   chunk_size: int = 16           # tokens per chunk of the memory's scan
-  theta_scale: float = 0.1       # θ_t = theta_scale · softplus(·)
+  theta_scale: float = 0.02      # θ_t = theta_scale · softplus(·) (see configs/titans.py)
   inner_clip: float = 1.0        # bound on each token's inner step norm ‖θ_t ∇ℓ_t‖; 0 = off
   write_gradient: bool = True    # outer gradient through the memory writes (else stop-grad)
   memory_writes: bool = True     # False: the memory never changes (the memory-off control)
