@@ -68,8 +68,10 @@ def test_model_is_causal(tie):
   changed = tokens.copy()
   changed[:, t + 1:] = (changed[:, t + 1:] + rng.integers(1, 60, size=changed[:, t + 1:].shape)) % 61
   a, b = apply(params, tokens), apply(params, changed)
-  np.testing.assert_array_equal(np.asarray(a[:, :t + 1]), np.asarray(b[:, :t + 1]))
-  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+  # XLA may reduce a different batch in another order: causal means equal to float noise.
+  np.testing.assert_allclose(np.asarray(a[:, :t + 1]), np.asarray(b[:, :t + 1]), rtol=0,
+                             atol=1e-5)
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:], atol=1e-3)
 
 
 def test_tied_embeddings_share_the_table():
