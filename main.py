@@ -3,12 +3,14 @@
   python main.py --config=configs/transformer.py:tiny --workdir=runs/tiny
   python main.py --config=configs/transformer.py:tiny --workdir=runs/tiny --mode=eval
   python main.py --config=configs/transformer.py:tiny --config.train.steps=200 --workdir=...
+  python main.py ... --jax_compilation_cache_dir=~/.cache/jax   # JAX's flags are accepted too
 """
 
 import logging as py_logging
 import sys
 import textwrap
 
+import jax
 from absl import app
 from absl import flags
 from absl import logging
@@ -102,4 +104,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # JAX's own options as flags (--jax_compilation_cache_dir, --jax_log_compiles, ...), as
+  # big_vision and MaxText accept them; set after parsing, before anything is compiled.
+  jax.config.config_with_absl()
   app.run(main, flags_parser=parse_flags)

@@ -10,6 +10,7 @@ validation text), so it compares models across tokenizers. Results go to
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -30,7 +31,10 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+@functools.lru_cache(maxsize=16)
 def make_eval_step(apply, mesh: jax.sharding.Mesh):
+  """The jitted `(params, batch) -> (nll sum, count)`, one per (apply, mesh): evaluating every
+  `eval.every` steps traces and compiles once per Experiment (`Experiment.apply` is cached)."""
   def eval_step(params, batch):
     nll = token_nll(apply(params, batch[:, :-1]), batch[:, 1:])
     return nll.sum(), nll.size

@@ -7,6 +7,7 @@ bad config fails in a second with a message, not an hour in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -73,10 +74,11 @@ class Experiment:
   abstract_params: Any
   optimizer: optax.GradientTransformation
 
-  @property
+  @functools.cached_property
   def apply(self) -> Callable[[Any, jax.Array], jax.Array]:
     """`(params, tokens) -> logits`; compressed leaves of `params` (JIT-Delta, compression/)
-    are decoded inside the caller's jit, just in time: a no-op for a dense tree."""
+    are decoded inside the caller's jit, just in time: a no-op for a dense tree. One function
+    per Experiment, so that jitted steps built from it can be cached on it."""
     apply = models.apply_fn(self.graphdef)
     return lambda params, tokens: apply(ctree.decompress(params), tokens)
 

@@ -4,6 +4,15 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
+
+# Every test compiles its own small programs, many of them the same HLO (the same micro
+# config built again, and main.py in subprocesses): JAX's persistent compilation cache,
+# shared by the xdist workers and the subprocesses (they inherit the environment), compiles
+# each once. XLA's key is the HLO and the compile options, so a hit is the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"nested-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 
@@ -19,6 +28,17 @@ MICRO = {
     "train.log_every": 1, "train.checkpoint_every": 3, "eval.batch_size": 8,
     "eval.max_batches": 2,
 }
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (`-n auto`, with `--dist loadgroup` from pyproject.toml) the tests
+  that share a module-scoped fixture run on one worker, so each such fixture is built once."""
+  del config
+  for item in items:
+    fixtures = getattr(item, "_fixtureinfo", None)
+    defs = fixtures.name2fixturedefs.values() if fixtures else ()
+    if any(d and d[-1].scope == "module" for d in defs):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -37,10 +37,14 @@ def test_train_resume_and_eval(cache_dir, tmp_path):
   assert "Resuming from the checkpoint at step 4" in second.stderr
   assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == list(range(1, 7))
 
+  # JAX's own flags are accepted: this one moves the compilation cache (conftest sets one).
+  jax_cache = str(tmp_path / "jax_cache")
   evaluated = run_main(cli_flags(cache_dir, **{"train.steps": 6})
-                       + [f"--workdir={workdir}", "--mode=eval"])
+                       + [f"--workdir={workdir}", "--mode=eval",
+                          f"--jax_compilation_cache_dir={jax_cache}"])
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert json.load(open(os.path.join(workdir, "eval.json")))["step"] == 6
+  assert os.listdir(jax_cache)
 
 
 def test_sigterm_saves_a_checkpoint_then_exits(cache_dir, tmp_path):

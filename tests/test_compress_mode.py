@@ -17,9 +17,10 @@ from experiments import compress, evaluate, generate, state as state_lib, train
 from nested.errors import UserError
 from nested.levels import param_path
 
-# 2-layer micro HOPE: its slowest level (cms_slow, /cms/2/) holds six 32×32 matrices and
+# 1-layer micro HOPE: its slowest level (cms_slow, /cms/2/) holds three 32×32 matrices and
 # fires every 2 steps (512 tokens).
-SMALL = {"compression.min_size": 256, "train.steps": 2, "train.checkpoint_every": 2,
+SMALL = {"model.n_layers": 1, "compression.min_size": 256, "train.steps": 2,
+         "train.checkpoint_every": 2,
          "eval.max_batches": 1, "levels.cms_slow.period": 512}
 
 
@@ -123,14 +124,14 @@ def test_compress_mode_writes_the_slowest_level_and_a_report(cache_dir, trained)
   assert where.endswith(os.path.join("compressed", "step_2-exact"))
   rows = result["rows"]
   assert sorted(r["path"] for r in rows) == sorted(
-      f"layers/{i}/cms/2/mlp/{w}/kernel" for i in range(2) for w in ("w_down", "w_gate", "w_up"))
+      f"layers/0/cms/2/mlp/{w}/kernel" for w in ("w_down", "w_gate", "w_up"))
   for r in rows:
     assert r["bits_per_weight"] == pytest.approx(8 * r["bytes_after"] / np.prod(r["shape"]))
   manifest = ctree.read_manifest(where)
   kinds = {e["path"]: e["kind"] for e in manifest["tensors"]}
   assert {p for p, k in kinds.items() if k == "exact"} == {r["path"] for r in rows}
   report = open(os.path.join(where, "report.md")).read()
-  assert "layers/1/cms/2/mlp/w_up/kernel" in report and "bits/weight" in report
+  assert "layers/0/cms/2/mlp/w_up/kernel" in report and "bits/weight" in report
 
   # Same settings: reported again, not rewritten. Other settings: refused.
   mtime = os.path.getmtime(os.path.join(where, ctree.TENSORS))
@@ -246,7 +247,7 @@ def test_training_with_the_slow_level_compressed_is_bit_identical(cache_dir, tra
   exp = state_lib.build(config)
   state = train.train(exp, str(tmp_path / "run"))
   kept = [p for p, leaf in ctree.leaves_with_paths(state.params) if ctree.is_compressed(leaf)]
-  assert len(kept) == 6 and all("/cms/2/" in p for p in kept)
+  assert len(kept) == 3 and all("/cms/2/" in p for p in kept)
   _, want = state_lib.restore_latest(exp, trained)
   _, saved = state_lib.restore_latest(exp, str(tmp_path / "run"))
   got = train.dense_state(state).params

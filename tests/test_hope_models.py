@@ -223,12 +223,11 @@ def bigram_cross_entropy(ds) -> float:
   return float(-np.mean(np.log(probs[val_ids[:-1], val_ids[1:]])))
 
 
-# Chunks of half a sequence: two steps of HOPE's scan per sequence keep the test's budget.
+# HOPE's memories start writing faster (η 0.2, as in the memory test below): at the preset's
+# η and 150 steps it is at 2.49 nats, at η 0.2 2.45 (chunks of 16 instead of 8: 2.47).
 # Attention without a conv needs more steps to beat the bigram (a micro Transformer++ is at
 # 2.62 nats after 150 steps).
-BIGRAM_MODEL = {"hope": {"model.chunk_size": 16, "model.mem_chunk_size": 16,
-                         "model.gen_chunk_size": 16, "model.cms_periods": "16,32,2048"},
-                "hope_attention": {"train.steps": 300}}
+BIGRAM_MODEL = {"hope": {"model.eta_init": 0.2}, "hope_attention": {"train.steps": 300}}
 
 
 @pytest.mark.parametrize("name", MODELS)

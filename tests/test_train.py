@@ -144,3 +144,26 @@ def test_learning_rate_schedule_matches_closed_form():
       progress = min((step - 10) / 100, 1.0)
       expected = 1e-4 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * progress))
     np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5)
+
+
+def test_evaluation_traces_its_step_once_per_experiment(cache_dir):
+  """`eval.every` evaluates many times in a run: the eval step is traced (and so compiled)
+  once, not on every pass."""
+  from experiments import evaluate
+  exp = state_lib.build(micro_config(cache_dir))
+  params = state_lib.init_state(exp).params
+  traced = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/jaxpr_trace_duration":
+      traced.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    first = evaluate.evaluate(exp, params)
+    second = evaluate.evaluate(exp, params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert traced.count("eval_step") == 1, traced
+  assert first == second
