@@ -30,6 +30,7 @@ MICRO = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
   """Under pytest-xdist (`-n auto`, with `--dist loadgroup` from pyproject.toml) the tests
   that share a module-scoped fixture run on one worker, so each such fixture is built once."""
