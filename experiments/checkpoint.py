@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -171,7 +172,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state, record: dict[str, Any],
   try:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             record=ocp.args.JsonSave(record)), force=True)
-  except OSError as e:
+  except (OSError, ValueError) as e:
+    if write_failure(e) is None:
+      raise
     raise write_error(mngr, step, e, workdir) from e
 
 
@@ -179,14 +182,30 @@ def finish(mngr: ocp.CheckpointManager, workdir: str = "") -> None:
   """Waits for the async save in flight; a failed write becomes a UserError."""
   try:
     mngr.wait_until_finished()
-  except OSError as e:
+  except (OSError, ValueError) as e:
+    if write_failure(e) is None:
+      raise
     raise write_error(mngr, None, e, workdir) from e
 
 
-def write_error(mngr, step: int | None, e: OSError, workdir: str) -> UserError:
+# tensorstore reports a failed file write (disk full, EFBIG, EACCES) as a ValueError whose
+# message carries the OS error code, e.g. "... File too large [os_error_code='27']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def write_failure(e: Exception) -> str | None:
+  """The OS's words for a failed write (an OSError, or tensorstore's ValueError carrying an
+  OS error code); None for any other error, which is not the disk's fault."""
+  if isinstance(e, OSError):
+    return e.strerror or str(e)
+  code = _OS_ERROR_CODE.search(str(e))
+  return os.strerror(int(code.group(1))) if code else None
+
+
+def write_error(mngr, step: int | None, e: Exception, workdir: str) -> UserError:
   return UserError(
       f"Writing the checkpoint{f' at step {step}' if step else ''} to {mngr.directory} failed "
-      f"({type(e).__name__}: {e.strerror or e}). Orbax writes into a temporary directory and "
+      f"({write_failure(e)}). Orbax writes into a temporary directory and "
       f"renames it only when complete, so the earlier checkpoints are intact "
       f"({last_good(mngr)}). Free space or fix the permissions of --workdir={workdir or '.'} "
       f"and re-run the same command: it resumes from the latest checkpoint.")

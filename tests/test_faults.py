@@ -158,6 +158,50 @@ def test_workdir_that_is_a_file_is_a_user_error(cache_dir, tmp_path):
     train.run(micro_config(cache_dir), str(path))
 
 
+
+def test_workdir_that_cannot_be_written_is_a_user_error(cache_dir):
+  # sysfs refuses new entries even to root, who can write through any permission bits.
+  with pytest.raises(UserError, match=r"--workdir=/sys/nested-run cannot be written \(.+\)"):
+    train.run(micro_config(cache_dir), "/sys/nested-run")
+
+
+DISK_FULL = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+import jax
+from conftest import micro_config
+from experiments import train
+from nested.errors import UserError
+
+# Every file write past 20 kB fails with EFBIG, as on a full disk: the config and metrics
+# fit, the step-9 checkpoint's array data does not (nor would the compilation cache's).
+jax.config.update("jax_enable_compilation_cache", False)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+try:
+  train.run(micro_config({cache!r}, **{{"train.steps": 9}}), {workdir!r})
+except UserError as e:
+  print(e)
+  sys.exit(3)
+"""
+
+
+def test_disk_full_during_a_save_is_a_user_error_and_keeps_the_checkpoints(cache_dir, copy,
+                                                                            trained):
+  script = DISK_FULL.format(tests=os.path.join(REPO, "tests"), cache=cache_dir, workdir=copy)
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 3, done.stderr[-2000:]
+  assert "failed (File too large)" in done.stdout, done.stdout
+  assert "the latest is step 6" in done.stdout, done.stdout
+  assert checkpoint.manager(copy, read_only=True).all_steps() == [3, 6]
+  step, params = state_lib.restore_latest(state_lib.build(config(cache_dir)), copy)
+  assert step == 6
+  assert_trees_bitwise_equal(trained[1], jax.tree.map(np.asarray, jax.device_get(params)))
+  # With space again, the same command goes on from step 6 past the half-written step 9.
+  train.run(config(cache_dir), copy)
+  assert checkpoint.manager(copy, read_only=True).all_steps() == [3, 6, 9]
+
 KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
