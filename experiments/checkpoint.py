@@ -170,7 +170,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, record: dict[str, Any],
   record = {**record, "step": step, "checksums": checksums}
   record["digest"] = _digest(record)
   try:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
                                             record=ocp.args.JsonSave(record)), force=True)
   except (OSError, ValueError) as e:
     if write_failure(e) is None:
@@ -216,16 +216,24 @@ def last_good(mngr: ocp.CheckpointManager) -> str:
   return f"the latest is step {max(steps)}" if steps else "none was saved yet"
 
 
-def _verify(mngr, step: int, record: dict[str, Any], abstract_state):
-  """The restored state at `step`, or `Damaged` naming the arrays that fail their checksum."""
+def _restore_args(target):
+  """Orbax's restore arguments for `target`: the whole train state, or a dict of some of its
+  fields (e.g. {"params": ...}), of which orbax reads only those arrays (a partial restore).
+  Saves and restores all go through orbax's PyTree handler: a manager binds one handler to
+  the "state" item at first use, and refuses arguments of another."""
+  return ocp.args.PyTreeRestore(item=target, partial_restore=isinstance(target, dict),
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+
+
+def _verify(mngr, step: int, record: dict[str, Any], target):
+  """The restored `target` at `step`, or `Damaged` naming the arrays that fail their checksum."""
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))["state"]
+    restored = mngr.restore(step, args=ocp.args.Composite(state=_restore_args(target)))["state"]
   except Exception as e:  # the tree matches the record, so a failed read is damage
     raise Damaged(step, f"its arrays could not be read ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
   checksums, _ = fingerprint(restored)
-  bad = [name for name, c in record["checksums"].items() if checksums.get(name) != c]
+  bad = [name for name in checksums if record["checksums"][name] != checksums[name]]
   if bad:
     raise Damaged(step, f"{len(bad)} array(s) fail their checksum: "
                         f"{', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}")
@@ -305,11 +313,13 @@ def apply_resume_step(mngr: ocp.CheckpointManager, resume_step: int, workdir: st
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, workdir: str,
-            record: dict[str, Any] | None = None):
+            record: dict[str, Any] | None = None, *, params_only: bool = False):
   """Restores the state at `step` onto the shardings of `abstract_state`, verifying every
-  array's checksum (records from before checksums: the tree's fit only)."""
+  array's checksum (records from before checksums: the tree's fit only). With `params_only`,
+  returns {"params": ...}: orbax reads the parameters alone, and only they are verified."""
   if record is None:
     record = latest_record(mngr, workdir, step)[1]
+  target = {"params": abstract_state.params} if params_only else abstract_state
   expected = fingerprint_names(abstract_state)
   if "checksums" in record and sorted(record["checksums"]) != expected:
     missing = sorted(set(expected) - set(record["checksums"]))
@@ -318,12 +328,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, workdir: str
                                  f"checkpoint: {extra[:3]}")
   if "checksums" in record:
     try:
-      return _verify(mngr, step, record, abstract_state)
+      return _verify(mngr, step, record, target)
     except Damaged as e:
       raise damaged_error(mngr, e, workdir, abstract_state) from e
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    restored = mngr.restore(step, args=ocp.args.Composite(state=_restore_args(target)))
   except (ValueError, KeyError, TypeError) as e:
     raise _misfit(step, workdir, f"{type(e).__name__}: {str(e)[:300]}") from e
   return restored["state"]

@@ -152,8 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"that directory to write it again with the new settings.")
     logging.info("%s already holds this compressed checkpoint; its report:", out)
   else:
-    params = jax.device_get(
-        checkpoint.restore(mngr, step, state_lib.abstract_state(exp), workdir).params)
+    params = jax.device_get(checkpoint.restore(mngr, step, state_lib.abstract_state(exp),
+                                               workdir, params_only=True)["params"])
     paths = selected_paths(config, params, s["levels"], s["min_size"])
     logging.info("Compressing %d tensors of levels %s with codec %s...", len(paths),
                  s["levels"], s["codec"])

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from compression import tree as ctree
-from experiments import checkpoint, data, mesh as mesh_lib
+from experiments import checkpoint, data, mesh as mesh_lib, profiling
 from nested import levels, models, optimizers
 from nested.errors import UserError
 
@@ -99,6 +99,7 @@ def _check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   mesh_lib.check_divisible(t.batch_size // t.grad_accum, mesh,
                            "config.train.batch_size / config.train.grad_accum")
   mesh_lib.check_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
+  profiling.parse_window(t.profile_steps, t.steps)
 
 
 def build(config: ml_collections.ConfigDict, *, load_data: bool = True) -> Experiment:
@@ -190,6 +191,8 @@ def latest_step(exp: Experiment, workdir: str):
 
 def restore_latest(exp: Experiment, workdir: str) -> tuple[int, Any]:
   """(step, params) of the workdir's latest checkpoint; a UserError when there is none or it
-  holds another model."""
+  holds another model. Only the parameters are read (not the optimizer state or the level
+  accumulators, about twice their bytes under AdamW)."""
   mngr, step = latest_step(exp, workdir)
-  return step, checkpoint.restore(mngr, step, abstract_state(exp), workdir).params
+  return step, checkpoint.restore(mngr, step, abstract_state(exp), workdir,
+                                  params_only=True)["params"]

@@ -16,14 +16,14 @@ is task-agnostic:
 
 Prompt formats (lm-evaluation-harness v0.4 task configs, zero-shot, target delimiter " "):
 
-  piqa            "Question: {goal}\\nAnswer:"  → [sol1, sol2]                 acc, acc_norm
+  piqa            "Question: {goal}\\nAnswer:"  → [sol1, sol2]                 acc, acc_norm, acc_bytes
   hellaswag       preprocess("{activity_label}: {ctx_a} {ctx_b.capitalize()}")
                   → [preprocess(ending) ...]; preprocess strips, turns " [title]" into ". ",
-                  drops every "[...]" tag and collapses double spaces          acc, acc_norm
+                  drops every "[...]" tag and collapses double spaces          acc, acc_norm, acc_bytes
   winogrande      for each option: sentence[:blank] + option, scored on the part after
                   the blank (sentence[blank+1:].strip()); label = answer - 1   acc
   arc_easy/_challenge "Question: {question}\\nAnswer:" → choice texts;
-                  label = index of answerKey among the choice labels          acc, acc_norm
+                  label = index of answerKey among the choice labels          acc, acc_norm, acc_bytes
   siqa            "Q: {context} {question}\\nA:" → [answerA, answerB, answerC];
                   label = label - 1                                            acc
   boolq           "{passage}\\nQuestion: {question}?\\nAnswer:" → ["no", "yes"]  acc
@@ -203,18 +203,18 @@ TASKS.update({t.name: t for t in [
     Task("lambada_openai", "lastword", ("perplexity", "acc"), "acc",
          "the Hugging Face dataset EleutherAI/lambada_openai, config default (English), split "
          "test; or OpenAI's lambada_test.jsonl", lambada_row),
-    Task("piqa", "choice", ("acc", "acc_norm"), "acc",
+    Task("piqa", "choice", ("acc", "acc_norm", "acc_bytes"), "acc",
          "the Hugging Face dataset ybisk/piqa, split validation; or dev.jsonl + dev-labels.lst "
          "(--labels) from physicaliqa-train-dev.zip", piqa_row, needs_labels=True),
-    Task("hellaswag", "choice", ("acc", "acc_norm"), "acc_norm",
+    Task("hellaswag", "choice", ("acc", "acc_norm", "acc_bytes"), "acc_norm",
          "the Hugging Face dataset Rowan/hellaswag, split validation; or "
          "data/hellaswag_val.jsonl from github.com/rowanz/hellaswag", hellaswag_row),
     Task("winogrande", "choice", ("acc",), "acc",
          "the Hugging Face dataset allenai/winogrande, config winogrande_xl, split "
          "validation; or dev.jsonl from winogrande_1.1.zip", winogrande_row),
-    Task("arc_easy", "choice", ("acc", "acc_norm"), "acc", _arc_source("ARC-Easy", "ARC-Easy"),
+    Task("arc_easy", "choice", ("acc", "acc_norm", "acc_bytes"), "acc", _arc_source("ARC-Easy", "ARC-Easy"),
          arc_row),
-    Task("arc_challenge", "choice", ("acc", "acc_norm"), "acc_norm",
+    Task("arc_challenge", "choice", ("acc", "acc_norm", "acc_bytes"), "acc_norm",
          _arc_source("ARC-Challenge", "ARC-Challenge"), arc_row),
     Task("siqa", "choice", ("acc",), "acc",
          "the Hugging Face dataset allenai/social_i_qa, split validation; or dev.jsonl + "

@@ -23,10 +23,10 @@ from jax.experimental import multihost_utils
 
 from compression import tree as ctree
 from experiments import checkpoint, compress, data, evaluate, metrics as metrics_lib
-from experiments import mesh as mesh_lib
+from experiments import mesh as mesh_lib, profiling, timing
 from experiments import state as state_lib
 from experiments.state import TrainState
-from nested import levels
+from nested import levels, models
 from nested.errors import UserError
 
 
@@ -170,6 +170,18 @@ def dense_state(state: TrainState) -> TrainState:
   return state._replace(params=ctree.decompress(state.params))
 
 
+def progress_meter(exp: state_lib.Experiment, start: int) -> metrics_lib.Progress:
+  """Throughput and ETA, with MFU for Transformer++ on a device whose peak is on the datasheet
+  (PaLM's 6N + attention FLOP count describes no in-context learner; CPUs have no datasheet
+  peak)."""
+  peak = timing.datasheet_tflops(jax.devices()[0].device_kind) or 0.0
+  flops = (timing.model_flops_per_token(exp.config, models.count_params(exp.abstract_params))
+           if exp.config.model.name == "transformer" else 0.0)
+  return metrics_lib.Progress(start, exp.config.train.steps, state_lib.tokens_per_step(exp.config),
+                              devices=jax.device_count(), flops_per_token=flops,
+                              peak_flops=peak * 1e12)
+
+
 def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   """Runs the loop from the latest checkpoint (if any) to `config.train.steps`."""
   cfg = exp.config.train
@@ -191,9 +203,10 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   guard = checkpoint.NonFiniteGuard(cfg.on_nonfinite, mngr, workdir)
   ckpt_record = {**exp.record, "resumed_from": cfg.resume_step}
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None
-  progress = metrics_lib.Progress(start, cfg.steps, state_lib.tokens_per_step(exp.config))
+  progress = progress_meter(exp, start)
   schedule = state_lib.learning_rate_schedule(cfg)
   sigterm = _SigtermFlag()
+  profiler = profiling.ProfileWindow(cfg.profile_steps, cfg.steps, workdir)
   logging.info("Training %s for steps %d..%d on a %s mesh: %s", exp.config.model.name, start + 1,
                cfg.steps, dict(exp.mesh.shape), exp.dataset.description)
   logging.info("%d steps cover %.3g epochs of the training windows.", cfg.steps,
@@ -201,8 +214,10 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
                                    seq_len=cfg.seq_len))
   try:
     for step in range(start, cfg.steps):
+      profiler.before_step(step)
       state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh))
       done = step + 1
+      profiler.after_step(done, state)
       guard.watch(done, step_metrics)
       if on_device is not None and on_device.fires(step):
         check_overflow(int(step_metrics["compression/overflow"]), done, exp.config)
@@ -231,6 +246,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
         sys.exit(143)
   finally:
     sigterm.restore()
+    profiler.stop()
     if writer:
       writer.close()
     checkpoint.finish(mngr, workdir)

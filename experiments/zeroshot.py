@@ -11,8 +11,9 @@ them. Scoring follows the harness's `HFLM`:
   * truncation: context + continuation keeps its last `train.seq_len + 1` tokens; the model sees
     all but the last, and scores the continuation's tokens inside that window.
   * multiple choice: acc = argmax of the summed log-likelihoods; acc_norm = argmax of
-    log-likelihood / UTF-8 byte length of the choice (SPEC §4; the harness divides by
-    `len(choice)` in characters, the same number for ASCII text).
+    log-likelihood / characters of the choice, acc_bytes = argmax of log-likelihood / its UTF-8
+    bytes (the harness's names and lengths: the choice string, without the delimiter; SPEC §4's
+    byte length is acc_bytes, the same number for ASCII text).
   * LAMBADA: acc = greedy match of every token of " " + last word; perplexity =
     exp(−mean over passages of its log-likelihood).
   * WikiText: each detokenized document is cut into rolling windows of `seq_len` predicted
@@ -210,13 +211,16 @@ def choice_requests(tokenizer, prefix: int, row: dict) -> list[Request]:
 
 
 def choice_metrics(lls: Sequence[np.ndarray], rows: Sequence[dict]) -> dict[str, float]:
-  """acc and acc_norm (argmax of ll / UTF-8 bytes of the choice); ties go to the first choice,
-  as with np.argmax in the harness."""
-  labels = np.asarray([r["label"] for r in rows])
-  pred = np.asarray([int(np.argmax(ll)) for ll in lls])
-  lengths = [np.asarray([len(c.encode("utf-8")) for c in r["choices"]], np.float64) for r in rows]
-  pred_norm = np.asarray([int(np.argmax(ll / n)) for ll, n in zip(lls, lengths)])
-  return {"acc": float(np.mean(pred == labels)), "acc_norm": float(np.mean(pred_norm == labels))}
+  """acc, acc_norm (argmax of ll / characters of the choice) and acc_bytes (/ its UTF-8 bytes);
+  ties go to the first choice, as with np.argmax in the harness."""
+
+  def accuracy(length: Callable[[str], int] | None) -> float:
+    norm = (lambda r: 1.0) if length is None else (
+        lambda r: np.asarray([length(c) for c in r["choices"]], np.float64))
+    return float(np.mean([int(np.argmax(ll / norm(r))) == r["label"] for ll, r in zip(lls, rows)]))
+
+  return {"acc": accuracy(None), "acc_norm": accuracy(len),
+          "acc_bytes": accuracy(lambda c: len(c.encode("utf-8")))}
 
 
 def eval_choice(score: Callable, tokenizer, prefix: int, rows: Sequence[dict]) -> dict[str, float]:

@@ -167,3 +167,63 @@ def test_evaluation_traces_its_step_once_per_experiment(cache_dir):
     jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("eval_step") == 1, traced
   assert first == second
+
+
+def test_profile_steps_trace_the_window_and_only_with_the_flag(cache_dir, tmp_path):
+  runs = {}
+  for spec in ("", "1,2"):
+    workdir = tmp_path / (spec or "none")
+    train.train(state_lib.build(micro_config(cache_dir, **{"train.steps": 3,
+                                                           "train.profile_steps": spec})),
+                str(workdir))
+    runs[spec] = sorted((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert runs[""] == []
+  assert len(runs["1,2"]) == 1
+  assert b"train_step" in runs["1,2"][0].read_bytes()  # the jitted step's device work
+
+
+@pytest.mark.parametrize("spec, message", [("2", "not a window"), ("3,3", "not a window"),
+                                           ("a,b", "not a window"), ("4,99", "ends past the run")])
+def test_bad_profile_steps_are_user_errors(cache_dir, spec, message):
+  config = micro_config(cache_dir, **{"train.steps": 10, "train.profile_steps": spec})
+  with pytest.raises(UserError, match=message):
+    state_lib.build(config, load_data=False)
+
+
+def tensorboard_scalars(logdir):
+  """tag → {step: value} as TensorBoard reads the event files (TFRecords of Event protos, in
+  file-name order): a SessionLog START at step s (a purge) drops the earlier events at
+  steps >= s."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  series = {}
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its CRC, the record, its CRC
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for values in series.values():
+          for step in [s for s in values if s >= event.step]:
+            del values[step]
+      for value in event.summary.value:
+        series.setdefault(value.tag, {})[event.step] = value.simple_value
+  return series
+
+
+def test_tensorboard_events_match_the_jsonl_after_a_resume(cache_dir, tmp_path):
+  config = micro_config(cache_dir, **{"eval.every": 2})
+  train.train(state_lib.build(config), str(tmp_path))
+  forget_checkpoints_after(str(tmp_path), 3)
+  # Resumed at 3 and stopped at 5: the first run's events of steps 4..6 are stale.
+  config.train.steps = 5
+  train.train(state_lib.build(config), str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  series = tensorboard_scalars(tmp_path / "tensorboard")
+  assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 2
+  for tag in ("loss", "grad_norm", "perf/tokens_per_sec_per_device", "val/loss"):
+    want = {r["step"]: r[tag] for r in records if tag in r}
+    assert sorted(series[tag]) == sorted(want), tag
+    np.testing.assert_allclose([series[tag][s] for s in sorted(want)],
+                               [want[s] for s in sorted(want)], rtol=1e-6)

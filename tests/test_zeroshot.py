@@ -61,7 +61,17 @@ def test_uniform_model_by_hand(mesh):
   ll, greedy = score(zeroshot.choice_requests(BYTES, NEWLINE, row))
   np.testing.assert_allclose(ll, [-4 * math.log(256), -2 * math.log(256), -9 * math.log(256)],
                              rtol=1e-6)
-  assert zeroshot.choice_metrics([ll], [row]) == {"acc": 0.0, "acc_norm": 1.0}
+  assert zeroshot.choice_metrics([ll], [row]) == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0}
+
+
+def test_acc_norm_divides_by_characters_and_acc_bytes_by_utf8_bytes(mesh):
+  # "ééé" is 3 characters and 6 bytes: under equal logits ll = -7 ln 256 against -5 ln 256 for
+  # "abcd", so -7/3 < -5/4 (acc_norm picks "abcd") but -7/6 > -5/4 (acc_bytes picks "ééé").
+  row = {"context": "Pick:", "choices": ["ééé", "abcd"], "label": 0}
+  score = scorer(bigram_apply, {"table": np.zeros((256, 256), np.float32)}, mesh)
+  ll, _ = score(zeroshot.choice_requests(BYTES, NEWLINE, row))
+  np.testing.assert_allclose(ll, [-7 * math.log(256), -5 * math.log(256)], rtol=1e-6)
+  assert zeroshot.choice_metrics([ll], [row]) == {"acc": 0.0, "acc_norm": 0.0, "acc_bytes": 1.0}
 
 
 def test_choice_scores_match_numpy_on_real_piqa_and_winogrande_rows(mesh):
@@ -82,10 +92,11 @@ def test_choice_scores_match_numpy_on_real_piqa_and_winogrande_rows(mesh):
         tokens = list((ctx + cont).encode())
         lls.append(reference_ll(table, tokens, len(cont.encode())))
       expected.append(np.asarray(lls))
-      lens.append(np.asarray([len(c.encode()) for c in row["choices"]], np.float64))
+      lens.append(np.asarray([[len(c), len(c.encode())] for c in row["choices"]], np.float64))
     labels = np.asarray([r["label"] for r in rows])
     want = {"acc": np.mean([np.argmax(e) for e in expected] == labels),
-            "acc_norm": np.mean([np.argmax(e / n) for e, n in zip(expected, lens)] == labels)}
+            "acc_norm": np.mean([np.argmax(e / n[:, 0]) for e, n in zip(expected, lens)] == labels),
+            "acc_bytes": np.mean([np.argmax(e / n[:, 1]) for e, n in zip(expected, lens)] == labels)}
     got = zeroshot.evaluate_task(name, rows, score, BYTES, 512)
     for metric, value in got.items():
       assert value == pytest.approx(want[metric]), (name, metric)
