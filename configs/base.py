@@ -49,6 +49,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       log_every=10,
       checkpoint_every=200,
       keep_checkpoints=3,
+      keep_every=0,          # also keep every checkpoint at a multiple of this step (milestones,
+                             # never rotated out; a multiple of checkpoint_every); 0 = none
       resume_step=0,         # 0 = the latest checkpoint; N = step N's (the later ones are moved
                              # to <workdir>/checkpoints_set_aside/), e.g. past a damaged one
       on_nonfinite="stop",   # a NaN/inf loss or gradient norm: "stop" the run (exit non-zero,

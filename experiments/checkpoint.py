@@ -33,10 +33,15 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def manager(workdir: str, *, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """Orbax's manager of <workdir>/checkpoints: the latest `keep` checkpoints, and with
+  `keep_every` every checkpoint at a multiple of it (milestones, never rotated out)."""
+  policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True)
+      preservation_policy=policies.AnyPreservationPolicy(
+          [policies.LatestN(keep)] + ([policies.EveryNSteps(keep_every)] if keep_every else [])),
+      create=not read_only, read_only=read_only, enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 

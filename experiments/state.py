@@ -99,6 +99,11 @@ def _check_train_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   mesh_lib.check_divisible(t.batch_size // t.grad_accum, mesh,
                            "config.train.batch_size / config.train.grad_accum")
   mesh_lib.check_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
+  if t.keep_every < 0 or t.keep_every % t.checkpoint_every:
+    raise UserError(f"config.train.keep_every={t.keep_every} must be 0 (no milestones) or a "
+                    f"multiple of config.train.checkpoint_every={t.checkpoint_every}: only "
+                    f"the steps that are saved can be kept, e.g. --config.train.keep_every="
+                    f"{10 * t.checkpoint_every}.")
   profiling.parse_window(t.profile_steps, t.steps)
 
 

@@ -185,7 +185,7 @@ def progress_meter(exp: state_lib.Experiment, start: int) -> metrics_lib.Progres
 def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   """Runs the loop from the latest checkpoint (if any) to `config.train.steps`."""
   cfg = exp.config.train
-  mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints)
+  mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, keep_every=cfg.keep_every)
   state = restore_or_init(exp, mngr, workdir)
   lead = is_lead_process()
   if lead:

@@ -227,3 +227,21 @@ def test_tensorboard_events_match_the_jsonl_after_a_resume(cache_dir, tmp_path):
     assert sorted(series[tag]) == sorted(want), tag
     np.testing.assert_allclose([series[tag][s] for s in sorted(want)],
                                [want[s] for s in sorted(want)], rtol=1e-6)
+
+
+def test_keep_every_keeps_milestones_beside_the_latest(cache_dir, tmp_path):
+  kept = {}
+  for keep_every in (0, 3):
+    workdir = str(tmp_path / str(keep_every))
+    config = micro_config(cache_dir, **{"train.checkpoint_every": 1, "train.keep_checkpoints": 2,
+                                        "train.keep_every": keep_every})
+    train.train(state_lib.build(config), workdir)
+    kept[keep_every] = checkpoint.manager(workdir, read_only=True).all_steps()
+  assert kept == {0: [5, 6], 3: [3, 5, 6]}
+
+
+@pytest.mark.parametrize("keep_every", [-3, 4])
+def test_keep_every_off_the_checkpoint_steps_is_a_user_error(cache_dir, keep_every):
+  config = micro_config(cache_dir, **{"train.keep_every": keep_every})  # checkpoint_every 3
+  with pytest.raises(UserError, match="multiple of config.train.checkpoint_every=3"):
+    state_lib.build(config, load_data=False)
