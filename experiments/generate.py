@@ -1,12 +1,19 @@
 """`--mode=generate`: samples from the latest checkpoint, or from its compressed copy.
 
-Sampling works the same for every model, because each is causal: the context is a fixed
-window of `config.train.seq_len` tokens, the prompt left-aligned in it; each new token is
-drawn from the logits at the last filled position, written after it, and once the window is
-full it slides by one. Every token re-runs the forward pass over the window (O(seq_len) per
-token, no cache): simple, model-agnostic, and with a compressed copy
-(`config.compression.codec`) the weights are decoded inside that forward pass each time.
-The whole loop is one jitted `fori_loop`.
+Generation carries each model's state, through the models' common streaming interface
+(`init_state`, `stream`; nested/models): Transformer++ keeps a KV cache of the last
+`generate.max_len` tokens (prefill, then one token per step); Titans, HOPE and HOPE-Attention
+keep their in-context state (memories, fast CMS weights, attention cache) at the last chunk
+boundary and, per new token, re-run only the partial chunk after it. Memory and time per
+token stay flat in the length generated. Within `max_len` tokens this is exactly a forward
+pass over the whole text so far (tested); past it, Transformer++ and HOPE-Attention attend
+to a sliding window of `max_len` cached keys while Titans and HOPE go on from their state.
+
+A chunked model's state after a chunk is committed when the token after it is known: HOPE's
+teach signal includes each chunk's boundary pair (`stream`'s lookahead), so the commit re-runs
+the chunk with the sampled token; for the others the state from the last partial-chunk pass
+is already the committed one. With a compressed copy (`config.compression.codec`) the weights
+are decoded inside each jitted step. Prefill and the sampling loop are one jitted function.
 
 Writes `samples.json` next to what it sampled from (the workdir, or the compressed copy's
 directory), and logs each sample.
@@ -14,6 +21,7 @@ directory), and logs each sample.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -24,7 +32,9 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from compression import tree as ctree
 from experiments import checkpoint, compress, state as state_lib
+from nested import models
 from nested.errors import UserError
 
 
@@ -40,45 +50,105 @@ def pick(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> j
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def make_sampler(apply: Callable[[Any, jax.Array], jax.Array], *, new_tokens: int,
-                 temperature: float, top_k: int) -> Callable:
-  """`(params, window [S, T] int32, filled, key) -> new tokens [S, new_tokens]`, jitted.
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A model as generation sees it. `init_state(params, batch)` and `stream(params, tokens,
+  state, lookahead) -> (logits, state)` over segments of a multiple of `chunk` tokens;
+  `reads_lookahead`: whether a segment's state depends on the token after it."""
+  init_state: Callable
+  stream: Callable
+  chunk: int
+  reads_lookahead: bool
 
-  `filled` (>= 1) is how many leading positions of `window` hold the prompt.
-  """
 
-  def sample(params, window, filled, key):
-    seq_len = window.shape[1]
+def decoder(exp: state_lib.Experiment, max_len: int) -> Decoder:
+  """The Experiment's model as a Decoder whose attention caches (if any) hold `max_len`
+  tokens (HOPE-Attention: its `attention_window` when set; a multiple of its chunk)."""
+  hparams = models.model_config(exp.config.model)
+  chunk = models.stream_chunk(hparams)
+  cache_len = getattr(hparams, "attention_window", 0) or -(-max_len // chunk) * chunk
+  init, stream = models.stream_fns(exp.graphdef)
+  return Decoder(
+      init_state=lambda params, batch: init(ctree.decompress(params), batch, cache_len),
+      stream=lambda params, tokens, state, lookahead=None: stream(
+          ctree.decompress(params), tokens, state, lookahead),
+      chunk=chunk, reads_lookahead=getattr(hparams, "reads_lookahead", False))
 
-    def step(i, carry):
-      window, filled, out = carry
-      logits = apply(params, window)
-      last = lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False)
-      token = pick(last, jax.random.fold_in(key, i), temperature, top_k)
-      slid = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
-      written = lax.dynamic_update_index_in_dim(window, token, jnp.minimum(filled, seq_len - 1),
-                                                axis=1)
-      window = jnp.where(filled == seq_len, slid, written)
-      return window, jnp.minimum(filled + 1, seq_len), out.at[:, i].set(token)
 
-    out = jnp.zeros((window.shape[0], new_tokens), jnp.int32)
-    return lax.fori_loop(0, new_tokens, step, (window, filled, out))[2]
+def _pending_logits(dec: Decoder, params, carry):
+  """Logits after the pending tokens, and the state after the (padded) pending chunk: the
+  padding comes after the last real token, so causality leaves its logits alone."""
+  state, _, pending, filled = carry
+  logits, after = dec.stream(params, pending, state)
+  return lax.dynamic_index_in_dim(logits, filled - 1, axis=1, keepdims=False), after
+
+
+def prefill(dec: Decoder, params, prompt: jax.Array):
+  """(decoding carry, logits [S, V] for the token after `prompt` [S, n], n >= 1). The carry:
+  the state at the last chunk boundary, the state after the pending chunk, the pending chunk
+  [S, chunk] and how many of its tokens are real (1..chunk)."""
+  c = dec.chunk
+  batch, n = prompt.shape
+  committed = (n - 1) // c * c   # whole chunks; 1..c prompt tokens stay pending
+  state = dec.init_state(params, batch)
+  if committed:
+    _, state = dec.stream(params, prompt[:, :committed], state, prompt[:, committed])
+  pending = jnp.zeros((batch, c), jnp.int32).at[:, :n - committed].set(prompt[:, committed:])
+  carry = (state, state, pending, jnp.int32(n - committed))
+  logits, after = _pending_logits(dec, params, carry)
+  return carry[:1] + (after,) + carry[2:], logits
+
+
+def advance(dec: Decoder, params, carry, token: jax.Array):
+  """Appends `token` [S] to the text: (carry, logits [S, V] for the token after it)."""
+  state, after, pending, filled = carry
+
+  def commit():   # the pending chunk is full: its state becomes the boundary state
+    new = dec.stream(params, pending, state, token)[1] if dec.reads_lookahead else after
+    return new, jnp.zeros_like(pending).at[:, 0].set(token), jnp.int32(1)
+
+  def append():
+    return state, lax.dynamic_update_index_in_dim(pending, token, filled, axis=1), filled + 1
+
+  state, pending, filled = lax.cond(filled == dec.chunk, commit, append)
+  logits, after = _pending_logits(dec, params, (state, after, pending, filled))
+  return (state, after, pending, filled), logits
+
+
+def make_sampler(dec: Decoder, *, new_tokens: int, temperature: float, top_k: int) -> Callable:
+  """`(params, prompt [S, n] int32, key) -> new tokens [S, new_tokens]`, jitted (n >= 1)."""
+
+  def sample(params, prompt, key):
+    def step(carry, i):
+      carry, logits = carry
+      token = pick(logits, jax.random.fold_in(key, i), temperature, top_k)
+      return advance(dec, params, carry, token), token
+
+    _, tokens = lax.scan(step, prefill(dec, params, prompt), jnp.arange(new_tokens))
+    return tokens.T
 
   return jax.jit(sample)
 
 
-def prompt_window(prompt_ids: np.ndarray, seq_len: int, samples: int) -> tuple[np.ndarray, int]:
-  """The last `seq_len` prompt tokens, left-aligned in a [samples, seq_len] window."""
-  ids = np.asarray(prompt_ids, np.int32)[-seq_len:]
-  window = np.zeros((samples, seq_len), np.int32)
-  window[:, :len(ids)] = ids
-  return window, len(ids)
+def forced_logits(dec: Decoder, params, tokens: jax.Array, n_prompt: int) -> jax.Array:
+  """The decoder's logits [S, T - n_prompt + 1, V] after each of tokens[:, n_prompt - 1:],
+  fed instead of sampled (teacher forcing): what generation computes, position by position."""
+  carry, first = prefill(dec, params, tokens[:, :n_prompt])
+  step = lambda carry, token: advance(dec, params, carry, token)
+  _, rest = lax.scan(step, carry, tokens[:, n_prompt:].T)
+  return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
+
+
+def prompt_tokens(prompt_ids: np.ndarray, max_len: int, samples: int) -> np.ndarray:
+  """The last `max_len` prompt tokens, one row per sample: [samples, n]."""
+  ids = np.asarray(prompt_ids, np.int32)[-max_len:]
+  return np.tile(ids, (samples, 1))
 
 
 def check_config(g: ml_collections.ConfigDict) -> None:
-  if g.max_new_tokens < 1 or g.num_samples < 1:
-    raise UserError(f"config.generate.max_new_tokens={g.max_new_tokens} and num_samples="
-                    f"{g.num_samples} must both be at least 1.")
+  if g.max_new_tokens < 1 or g.num_samples < 1 or g.max_len < 1:
+    raise UserError(f"config.generate.max_new_tokens={g.max_new_tokens}, num_samples="
+                    f"{g.num_samples} and max_len={g.max_len} must all be at least 1.")
   if g.temperature < 0 or g.top_k < 0:
     raise UserError(f"config.generate.temperature={g.temperature} and top_k={g.top_k} must "
                     f"not be negative (temperature 0 = greedy, top_k 0 = the whole vocabulary).")
@@ -101,10 +171,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     (step, params), out_dir = state_lib.restore_latest(exp, workdir), workdir
   prompt_ids = tokenizer.encode(g.prompt) if g.prompt else tokenizer.doc_separator()[1]
-  window, filled = prompt_window(prompt_ids, config.train.seq_len, g.num_samples)
-  sampler = make_sampler(exp.apply, new_tokens=g.max_new_tokens, temperature=g.temperature,
-                         top_k=g.top_k)
-  tokens = np.asarray(sampler(params, jnp.asarray(window), jnp.int32(filled),
+  sampler = make_sampler(decoder(exp, g.max_len), new_tokens=g.max_new_tokens,
+                         temperature=g.temperature, top_k=g.top_k)
+  tokens = np.asarray(sampler(params, jnp.asarray(prompt_tokens(prompt_ids, g.max_len,
+                                                                g.num_samples)),
                               jax.random.key(g.seed)))
   texts = [tokenizer.decode(row) for row in tokens]
   results = {"step": step, "prompt": g.prompt, "codec": config.compression.codec,

@@ -109,6 +109,43 @@ class CausalSelfAttention(nnx.Module):
     return self.wo(out.reshape(*batch, length, self.n_heads * self.head_dim))
 
 
+def ring_cache(batch: int, cache_len: int, n_heads: int, head_dim: int) -> dict:
+  """An empty KV cache of the last `cache_len` tokens: keys, values [B, L, H, D] and the
+  position each slot holds (-1: empty)."""
+  shape = (batch, cache_len, n_heads, head_dim)
+  return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
+          "slot_position": jnp.full((cache_len,), -1, jnp.int32)}
+
+
+def ring_attention(p: dict, cache: dict, x: jax.Array, positions: jax.Array, *, n_heads: int,
+                   rope_theta: float) -> tuple[jax.Array, dict]:
+  """Causal softmax attention (RoPE) of a segment x [B, T, d] at `positions` [T] over a
+  ring-buffer KV cache of the last L tokens, given the weights of `CausalSelfAttention`
+  (`wq/kernel`, ...); returns (output, cache with the segment written).
+
+  The segment is written at slot positions[0] % L and must not wrap around the ring (chunks
+  of a length dividing L, or one segment from position 0 with T <= L). With L >= the tokens
+  seen this is exact causal attention; beyond, a sliding window of L (RoPE scores depend on
+  relative positions only).
+  """
+  b, t, d = x.shape
+  heads = lambda a: a.reshape(b, t, n_heads, d // n_heads)
+  q = rope(heads(kernel_matmul(p["wq"], x)), positions, theta=rope_theta)
+  k = rope(heads(kernel_matmul(p["wk"], x)), positions, theta=rope_theta)
+  v = heads(kernel_matmul(p["wv"], x))
+  cache_len = cache["k"].shape[1]
+  start = positions[0] % cache_len
+  keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(jnp.float32), start, 1)
+  values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(jnp.float32), start, 1)
+  slot_pos = jax.lax.dynamic_update_slice_in_dim(cache["slot_position"], positions, start, 0)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), keys) / math.sqrt(q.shape[-1])
+  visible = ((slot_pos[None, :] >= 0) & (slot_pos[None, :] <= positions[:, None])
+             & (slot_pos[None, :] > positions[:, None] - cache_len))
+  probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, values).reshape(b, t, d).astype(x.dtype)
+  return kernel_matmul(p["wo"], out), {"k": keys, "v": values, "slot_position": slot_pos}
+
+
 class SwiGLU(nnx.Module):
   """`W_down (silu(x W_gate) * x W_up)` (Shazeer 2020)."""
 
@@ -133,6 +170,23 @@ def add_readout(model: nnx.Module, cfg, *, rngs: nnx.Rngs) -> None:
   if not cfg.tie_embeddings:
     model.unembed = linear(cfg.d_model, cfg.vocab_size, stddev=0.02, dtype=jnp.dtype(cfg.dtype),
                            rngs=rngs)
+
+
+def embed(cfg, params: dict, tokens: jax.Array) -> jax.Array:
+  """Token embeddings [B, T, D] in the compute dtype, from the pure-dict params.
+
+  Under a mesh the lookup would inherit the table's split of D over fsdp and reshard every
+  activation after it; `place` keeps them split over the batch instead.
+  """
+  table = params["embed"]["embedding"]
+  return place(jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype)))
+
+
+def readout(cfg, params: dict, h: jax.Array) -> jax.Array:
+  """Float32 logits of the last hidden states: final RMSNorm, then the (tied) unembedding."""
+  h = rms_norm(params["final_norm"]["scale"], h)
+  table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
+  return (h @ table.T.astype(h.dtype)).astype(jnp.float32)
 
 
 def residual_stddev(n_layers: int) -> float:

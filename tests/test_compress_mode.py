@@ -180,26 +180,6 @@ def test_generation_from_the_exact_copy_equals_the_dense_model(cache_dir, traine
   assert len(dense["tokens"]) == 2 and all(len(t) == 6 for t in dense["tokens"])
 
 
-def test_sampler_follows_a_slow_greedy_loop():
-  """The jitted sliding-window sampler against a token-by-token Python loop."""
-  vocab, seq_len = 7, 5
-  table = jax.random.normal(jax.random.key(np.random.SeedSequence().entropy % 2**31),
-                            (vocab, vocab))
-
-  def apply(params, tokens):   # a causal toy model: logits depend on the last two tokens
-    prev = jnp.concatenate([tokens[:, :1], tokens[:, :-1]], axis=1)
-    return params[tokens] + 0.5 * params[prev]
-
-  window, filled = generate.prompt_window(np.array([1, 2, 3]), seq_len, samples=1)
-  got = generate.make_sampler(apply, new_tokens=8, temperature=0, top_k=0)(
-      table, jnp.asarray(window), jnp.int32(filled), jax.random.key(0))
-  context = [1, 2, 3]
-  for _ in range(8):
-    last = np.asarray(apply(table, jnp.asarray([context[-seq_len:]])))[0, -1]
-    context.append(int(np.argmax(last)))
-  assert np.asarray(got)[0].tolist() == context[3:]
-
-
 def test_loading_needs_a_compress_first_and_matching_settings(cache_dir, trained):
   exp = state_lib.build(hope_config(cache_dir, **{"compression.codec": "int4",
                                                   "compression.dtype": "float16"}))

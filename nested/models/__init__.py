@@ -76,5 +76,19 @@ def apply_fn(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
   return lambda params, tokens: nnx.merge(graphdef, params)(tokens)
 
 
+def stream_fns(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
+  """`(init_state(params, batch, cache_len), stream(params, tokens, state, lookahead))`: the
+  models' common streaming interface as pure functions (generation carries state with it)."""
+  init = lambda params, batch, cache_len: nnx.merge(graphdef, params).init_state(batch, cache_len)
+  stream = lambda params, tokens, state, lookahead=None: nnx.merge(graphdef, params).stream(
+      tokens, state, lookahead)
+  return init, stream
+
+
+def stream_chunk(hparams) -> int:
+  """`stream` takes segments of a multiple of this many tokens (1: any length)."""
+  return getattr(hparams, "chunk_size", 1)
+
+
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from nested import cms, layers, memory, selfmod
+from nested.layers import embed, readout
 from nested.errors import UserError
 
 _MIXERS = ("selfmod", "attention")
@@ -126,6 +127,12 @@ class HopeConfig:
     """Indices of the CMS levels updated in context."""
     return tuple(i for i, p in enumerate(self.cms_periods) if 0 < p <= self.context)
 
+  @property
+  def reads_lookahead(self) -> bool:
+    """Whether `stream`'s state depends on the token after the segment: the teach signal of
+    the in-context CMS levels includes the last chunk's boundary pair."""
+    return bool(self.in_context_levels) and self.memory_writes and self.cms_objective == "teach"
+
 
 @dataclasses.dataclass(frozen=True)
 class HopeAttentionConfig(HopeConfig):
@@ -175,32 +182,13 @@ def selfmod_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array):
 
 
 def attention_init_state(cfg: HopeConfig, batch: int, cache_len: int) -> dict:
-  shape = (batch, cache_len, cfg.n_heads, cfg.d_model // cfg.n_heads)
-  return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32),
-          "slot_position": jnp.full((cache_len,), -1, jnp.int32)}
+  return layers.ring_cache(batch, cache_len, cfg.n_heads, cfg.d_model // cfg.n_heads)
 
 
 def attention_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array, positions: jax.Array):
-  """Causal softmax attention of a chunk over a ring-buffer KV cache of the last L tokens.
-
-  With L ≥ the tokens seen, this is exact causal attention; beyond, sliding-window.
-  """
-  b, c, d = x.shape
-  heads = lambda t: t.reshape(b, c, cfg.n_heads, d // cfg.n_heads)
-  q = layers.rope(heads(layers.kernel_matmul(p["wq"], x)), positions, theta=cfg.rope_theta)
-  k = layers.rope(heads(layers.kernel_matmul(p["wk"], x)), positions, theta=cfg.rope_theta)
-  v = heads(layers.kernel_matmul(p["wv"], x))
-  cache_len = state["k"].shape[1]
-  start = positions[0] % cache_len
-  keys = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(jnp.float32), start, 1)
-  values = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(jnp.float32), start, 1)
-  slot_pos = jax.lax.dynamic_update_slice_in_dim(state["slot_position"], positions, start, 0)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), keys) / math.sqrt(q.shape[-1])
-  visible = ((slot_pos[None, :] >= 0) & (slot_pos[None, :] <= positions[:, None])
-             & (slot_pos[None, :] > positions[:, None] - cache_len))
-  probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, values).reshape(b, c, d).astype(x.dtype)
-  return layers.kernel_matmul(p["wo"], out), {"k": keys, "v": values, "slot_position": slot_pos}
+  """Causal softmax attention of a chunk over a ring-buffer KV cache of the last L tokens."""
+  return layers.ring_attention(p, state, x, positions, n_heads=cfg.n_heads,
+                               rope_theta=cfg.rope_theta)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -246,23 +234,6 @@ class Hope(nnx.Module):
     state = init_state(cfg, params, tokens2d.shape[0], cfg.attention_window or padded)
     logits, _ = run(cfg, params, tokens2d, state)
     return logits[:, :length].reshape(*tokens.shape, -1)
-
-
-def embed(cfg, params: dict, tokens: jax.Array) -> jax.Array:
-  """Token embeddings [B, T, D] in the compute dtype (HOPE and Titans).
-
-  Under a mesh the lookup would inherit the table's split of D over fsdp and reshard every
-  activation after it; `place` keeps them split over the batch instead.
-  """
-  table = params["embed"]["embedding"]
-  return layers.place(jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype)))
-
-
-def readout(cfg, params: dict, h: jax.Array) -> jax.Array:
-  """Float32 logits of the last hidden states: final RMSNorm, then the (tied) unembedding."""
-  h = layers.rms_norm(params["final_norm"]["scale"], h)
-  table = params["embed"]["embedding"] if cfg.tie_embeddings else params["unembed"]["kernel"].T
-  return (h @ table.T.astype(h.dtype)).astype(jnp.float32)
 
 
 def _in_context_optimizers(cfg: HopeConfig) -> list:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from nested import cms, layers, memory
 from nested.errors import UserError
-from nested.models.hope import embed, readout
+from nested.layers import embed, readout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +122,10 @@ class Titans(nnx.Module):
   def _params(self) -> dict:
     return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
-  def init_state(self, batch: int) -> dict:
-    """Each layer's memory at its learned initial state, zero momentum, empty conv history."""
+  def init_state(self, batch: int, cache_len: int | None = None) -> dict:
+    """Each layer's memory at its learned initial state, zero momentum, empty conv history
+    (`cache_len`, for the models' common interface, is unused: Titans keeps no cache)."""
+    del cache_len
     return init_state(self.cfg, self._params(), batch)
 
   def stream(self, tokens: jax.Array, state: dict,
