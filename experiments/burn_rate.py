@@ -7,9 +7,10 @@ pass and its gradient is computed (and accumulated) every step. This mode measur
 For the config (and, with `burn_rate.baseline`, for a baseline config such as the
 Transformer++ of the same size) it records:
 
-* FLOPs from XLA's cost analysis of the compiled pieces of a step: forward, backward,
-  gradient clipping, and for each level its accumulation (every step, periods > 1) and
-  its optimizer update (only on the steps where it fires);
+* FLOPs of the pieces of a step, counted through their loops (experiments/flops.py; XLA's
+  cost analysis would count a scanned chunk loop's body once): forward, backward, gradient
+  clipping, and for each level its accumulation (every step, periods > 1) and its optimizer
+  update (only on the steps where it fires);
 * the measured wall time of every real train step over `burn_rate.steps` steps;
 
 and writes `burn_rate.json`, `burn_rate.md` (amortised totals) and `burn_rate.png` (FLOPs
@@ -18,7 +19,6 @@ and time per step: the spikes are the steps where slow levels fire) to the workd
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -30,15 +30,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import checkpoint, evaluate, mesh as mesh_lib, state as state_lib, sweep, train
+from experiments import checkpoint, evaluate, flops, mesh as mesh_lib, state as state_lib
+from experiments import sweep, train
 from nested import levels, optimizers
-
-
-def xla_flops(fn, *args) -> float:
-  """FLOPs XLA counts for `fn(*args)` once compiled."""
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", math.nan))
 
 
 def subtree(tree: Any, labels: Any, name: str) -> Any:
@@ -53,8 +47,8 @@ def step_components(exp: state_lib.Experiment, params: Any, batch: jax.Array) ->
   def loss(p, b):
     return evaluate.token_nll(exp.apply(p, b[:, :-1]), b[:, 1:]).mean()
 
-  forward = xla_flops(loss, params, batch)
-  forward_backward = xla_flops(jax.value_and_grad(loss), params, batch)
+  forward = flops.count(loss, params, batch)
+  forward_backward = flops.count(jax.value_and_grad(loss), params, batch)
   clip = optax.clip_by_global_norm(max(cfg.train.clip_norm, 1e-6))
   level_list = levels.levels_from_config(
       cfg.levels, tokens_per_step=state_lib.tokens_per_step(cfg),
@@ -63,14 +57,14 @@ def step_components(exp: state_lib.Experiment, params: Any, batch: jax.Array) ->
   per_level = {}
   for level in level_list:
     owned = subtree(params, labels, level.name)
-    update = xla_flops(lambda g, s, p, t=level.transform: t.update(g, s, p),
+    update = flops.count(lambda g, s, p, t=level.transform: t.update(g, s, p),
                        owned, level.transform.init(owned), owned)
-    accumulate = (xla_flops(lambda a, g: jax.tree.map(jnp.add, a, g), owned, owned)
+    accumulate = (flops.count(lambda a, g: jax.tree.map(jnp.add, a, g), owned, owned)
                   if level.period > 1 else 0.0)
     per_level[level.name] = {"period": level.period, "update": update, "accumulate": accumulate,
                              "params": sum(int(x.size) for x in jax.tree.leaves(owned))}
   return {"forward": forward, "backward": forward_backward - forward,
-          "clip": xla_flops(lambda g, s: clip.update(g, s), params, clip.init(params)),
+          "clip": flops.count(lambda g, s: clip.update(g, s), params, clip.init(params)),
           "levels": per_level}
 
 
@@ -175,7 +169,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
       if values.any():
         ax.bar(steps, values, bottom=bottom, label=component, width=1.0)
         bottom += values
-    ax.set(title=f"{name}: XLA FLOPs per step", xlabel="step", ylabel="GFLOP")
+    ax.set(title=f"{name}: FLOPs per step (loops counted)", xlabel="step", ylabel="GFLOP")
     ax.legend(fontsize=7, loc="lower right")
     ax = axes[row, 1]
     ax.plot(steps, 1e3 * np.asarray(r["seconds_per_step"]), marker=".", lw=0.8)

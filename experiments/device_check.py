@@ -470,15 +470,16 @@ def markdown(report: dict) -> str:
     lines += ["Training (mean step time after warm-up; peak bytes: the process's high-water "
               "mark so far; planned: XLA's memory analysis of the step):", ""]
     lines += _table(["model", "params", "batch (micro-batches)", "step ms", "tokens/s",
-                     "MFU", "peak bytes in use", "planned step bytes", "XLA GFLOP/step*"], [
+                     "MFU", "peak bytes in use", "planned step bytes", "GFLOP/step*"], [
         [v["model"], f"{v['params'] / 1e6:.1f}M",
          f"{v['batch_size']} × {v['seq_len']} ({v['grad_accum']})", f"{v['step_s'] * 1e3:.1f}",
          f"{v['tokens_per_s']:,.0f}",
          (f"{100 * v['mfu']:.1f}% ({v['achieved_tflops']:.3g} of {v['peak_tflops']:.3g} "
           f"TFLOP/s)") if "mfu" in v else "n/a",
          _bytes(v["peak_bytes_in_use"]), _bytes(v["compiled_bytes"]),
-         _num(v["xla_flops_per_step"] / 1e9)] for p, v in trained]) + [""]
-    lines += ["*XLA counts a loop body once: it undercounts the scanned models.", ""]
+         _num(v["flops_per_step"] / 1e9)] for p, v in trained]) + [""]
+    lines += ["*Counted through the chunk loops (experiments/flops.py); XLA's own count "
+              "takes a loop body once.", ""]
 
   failed = [(p, v) for p, v in parts.items() if v["status"] != "ok"]
   if failed:

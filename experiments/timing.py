@@ -206,8 +206,9 @@ def device_memory() -> dict[str, Any] | None:
 
 def train_throughput(config, steps: int, warmup: int) -> dict[str, Any]:
   """Mean seconds of `steps` real train steps after `warmup` untimed ones, with the step's
-  XLA FLOP count, planned bytes and the device's peak bytes in use after it."""
-  from experiments import mesh as mesh_lib, state as state_lib, train
+  FLOPs (counted through its loops, and XLA's count, loop bodies once), planned bytes and the
+  device's peak bytes in use after it."""
+  from experiments import flops, mesh as mesh_lib, state as state_lib, train
   from nested import models
 
   exp = state_lib.build(config)
@@ -229,6 +230,7 @@ def train_throughput(config, steps: int, warmup: int) -> dict[str, Any]:
   memory = device_memory() or {}
   return {"params": models.count_params(exp.abstract_params), "step_s": seconds,
           "tokens_per_step": tokens, "tokens_per_s": tokens / seconds,
+          "flops_per_step": flops.count(step_fn, state, batches[0]),
           "xla_flops_per_step": compiled_flops(compiled),
           "compiled_bytes": compiled_bytes(compiled),
           "peak_bytes_in_use": memory.get("peak_bytes_in_use"),

@@ -4,7 +4,6 @@ harness's own windowing and this project's scorer and decoder."""
 import glob
 import json
 import math
-import os
 import subprocess
 import sys
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from conftest import forget_checkpoints_after, micro_config
-from experiments import checkpoint, data, state as state_lib, train
+from experiments import checkpoint, state as state_lib, train
 from nested.errors import UserError
 
 
@@ -198,10 +198,10 @@ def tensorboard_scalars(logdir):
   from tensorboardX.proto import event_pb2
   series = {}
   for path in sorted(logdir.glob("events.out.tfevents.*")):
-    data, pos = path.read_bytes(), 0
-    while pos < len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    raw, pos = path.read_bytes(), 0
+    while pos < len(raw):
+      (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
       pos += 12 + length + 4  # length, its CRC, the record, its CRC
       if event.HasField("session_log") and event.session_log.status == event.session_log.START:
         for values in series.values():
