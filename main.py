@@ -39,7 +39,9 @@ FLAGS = flags.FLAGS
 
 
 def fail(message: str) -> None:
-  print("\nerror: " + textwrap.fill(message, width=100, subsequent_indent="       "),
+  # Paths and flags stay whole (a long one gets a line of its own), so they can be copied.
+  print("\nerror: " + textwrap.fill(message, width=100, subsequent_indent="       ",
+                                    break_long_words=False, break_on_hyphens=False),
         file=sys.stderr)
   sys.exit(2)
 
