@@ -90,8 +90,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.generate = ml_collections.ConfigDict(dict(
       prompt="",             # '' = start a new document (the tokenizer's document separator)
       max_new_tokens=200,
-      max_len=128,           # prompt tokens kept, and the KV cache of attention (Transformer++,
-                             # HOPE-Attention without attention_window): a sliding window past it
+      max_len=0,             # prompt tokens kept, and the KV cache of attention (Transformer++,
+                             # HOPE-Attention without attention_window), a sliding window past
+                             # it; 0 = the training context, train.seq_len
       num_samples=1,
       temperature=0.8,       # 0 = greedy
       top_k=0,               # sample among the k most likely tokens; 0 = all of them

@@ -145,10 +145,18 @@ def prompt_tokens(prompt_ids: np.ndarray, max_len: int, samples: int) -> np.ndar
   return np.tile(ids, (samples, 1))
 
 
+def max_len(config: ml_collections.ConfigDict) -> int:
+  """The tokens generation keeps in view: `generate.max_len`, or 0 = `train.seq_len`."""
+  return config.generate.max_len or config.train.seq_len
+
+
 def check_config(g: ml_collections.ConfigDict) -> None:
-  if g.max_new_tokens < 1 or g.num_samples < 1 or g.max_len < 1:
-    raise UserError(f"config.generate.max_new_tokens={g.max_new_tokens}, num_samples="
-                    f"{g.num_samples} and max_len={g.max_len} must all be at least 1.")
+  if g.max_new_tokens < 1 or g.num_samples < 1:
+    raise UserError(f"config.generate.max_new_tokens={g.max_new_tokens} and num_samples="
+                    f"{g.num_samples} must both be at least 1.")
+  if g.max_len < 0:
+    raise UserError(f"config.generate.max_len={g.max_len} must be positive, or 0 for the "
+                    f"training context (config.train.seq_len).")
   if g.temperature < 0 or g.top_k < 0:
     raise UserError(f"config.generate.temperature={g.temperature} and top_k={g.top_k} must "
                     f"not be negative (temperature 0 = greedy, top_k 0 = the whole vocabulary).")
@@ -171,9 +179,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     (step, params), out_dir = state_lib.restore_latest(exp, workdir), workdir
   prompt_ids = tokenizer.encode(g.prompt) if g.prompt else tokenizer.doc_separator()[1]
-  sampler = make_sampler(decoder(exp, g.max_len), new_tokens=g.max_new_tokens,
+  sampler = make_sampler(decoder(exp, max_len(config)), new_tokens=g.max_new_tokens,
                          temperature=g.temperature, top_k=g.top_k)
-  tokens = np.asarray(sampler(params, jnp.asarray(prompt_tokens(prompt_ids, g.max_len,
+  tokens = np.asarray(sampler(params, jnp.asarray(prompt_tokens(prompt_ids, max_len(config),
                                                                 g.num_samples)),
                               jax.random.key(g.seed)))
   texts = [tokenizer.decode(row) for row in tokens]

@@ -13,7 +13,8 @@ scoring call, default 16), `max_gen_toks` (default 256).
   loglikelihood_rolling  the harness's rolling windows of `train.seq_len` (context_len 1),
                          summed;
   generate_until         greedy, through the state-carrying decoder of experiments/generate.py
-                         (`generate.max_len` of the run's config), cut at the first stop string.
+                         (`generate.max_len` of the run's config, 0 = its
+                         `train.seq_len`), cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class NestedLM(TemplateLM):
     self._score = zeroshot.Scorer(zeroshot.make_score_fn(self._exp.apply, self._exp.mesh),
                                   self._params, self._seq_len, rows,
                                   config.zeroshot.min_bucket, self._exp.mesh)
-    self._decoder = generate.decoder(self._exp, config.generate.max_len)
-    self._max_len = config.generate.max_len
+    self._max_len = generate.max_len(config)
+    self._decoder = generate.decoder(self._exp, self._max_len)
 
   @property
   def eot_token_id(self) -> int:

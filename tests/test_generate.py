@@ -64,3 +64,10 @@ def test_forced_decoding_logits_equal_one_forward_pass(name, max_len):
 def test_prompt_keeps_its_last_max_len_tokens():
   rows = generate.prompt_tokens(np.arange(10), max_len=4, samples=3)
   assert rows.tolist() == [[6, 7, 8, 9]] * 3
+
+
+def test_max_len_defaults_to_the_training_context():
+  config = micro_config("")
+  assert config.generate.max_len == 0 and generate.max_len(config) == config.train.seq_len == 32
+  config.generate.max_len = 100
+  assert generate.max_len(config) == 100
