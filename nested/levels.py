@@ -171,23 +171,26 @@ def every(inner: optax.GradientTransformation, period: int, *,
       return (optax.apply_updates(params, updates),
               EveryState(count, state.accumulator, inner_state, period_array()))
 
-    # The branches take what they touch as operands (not closures): a skipped step passes
-    # params and inner state through unchanged, which XLA aliases instead of copying.
-    def fire(params, inner_state, accumulator, grads):
-      total = jax.tree.map(
-          lambda a, g: ((a + g.astype(a.dtype)) / period if accumulate == "mean"
-                        else a + g.astype(a.dtype)).astype(g.dtype), accumulator, grads)
+    # The gradient joins the accumulator outside the cond and the accumulator is reset by a
+    # select after it: a cond that returned the accumulator made XLA copy it every step. The
+    # branches take what they touch as operands (not closures): a skipped step passes params
+    # and the inner state through unchanged, which XLA aliases instead of copying.
+    fires = count % period == 0
+    summed = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, grads)
+
+    def fire(params, inner_state, summed, grads):
+      total = jax.tree.map(lambda a, g: (a / period if accumulate == "mean" else a).astype(g.dtype),
+                           summed, grads)
       updates, inner_state = inner.update(total, inner_state, params, **extra_args)
       updates = jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads)
-      return (optax.apply_updates(params, updates), inner_state,
-              jax.tree.map(jnp.zeros_like, accumulator))
+      return optax.apply_updates(params, updates), inner_state
 
-    def skip(params, inner_state, accumulator, grads):
-      return params, inner_state, jax.tree.map(lambda a, g: a + g.astype(a.dtype),
-                                               accumulator, grads)
+    def skip(params, inner_state, summed, grads):
+      return params, inner_state
 
-    params, inner_state, accumulator = jax.lax.cond(
-        count % period == 0, fire, skip, params, state.inner_state, state.accumulator, grads)
+    params, inner_state = jax.lax.cond(fires, fire, skip, params, state.inner_state, summed,
+                                       grads)
+    accumulator = jax.tree.map(lambda a: jnp.where(fires, jnp.zeros_like(a), a), summed)
     return params, EveryState(count, accumulator, inner_state, period_array())
 
   return LevelAwareTransform(init_fn, update_fn, apply_fn)
