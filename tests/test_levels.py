@@ -479,3 +479,32 @@ def test_update_and_apply_matches_update_then_apply_and_skips_untouched():
     # p + u fuses differently inside the branch than after it: equal to rounding.
     for k in params:
       np.testing.assert_allclose(p_new[k], p_ref[k], rtol=1e-6, atol=1e-7)
+
+
+def _while_body_array_copies(hlo: str) -> list[str]:
+  """The `copy` instructions of non-scalar arrays in the while loops' bodies of an HLO module."""
+  bodies = set(re.findall(r"body=(%[\w.\-]+)", hlo))
+  copies, inside = [], False
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      inside = line.split()[0] in bodies
+    elif inside and re.search(r"= \w+\[\d[\d,]*\]\S* copy\(", line):
+      copies.append(line.strip())
+  return copies
+
+
+def test_a_skipped_step_copies_no_arrays_in_a_training_loop():
+  """Through a `fori_loop` of updates, the accumulator and parameters stay in place: XLA
+  copied the accumulator out of the cond on every step when the cond returned it."""
+  params = {"w": jnp.ones((64, 32)), "b": jnp.ones((32,))}
+  grads = jax.tree.map(lambda x: 1e-3 * x, params)
+  tx = levels.every(optax.adam(1e-2), 8)
+
+  def run(params, state, grads):   # gradients as data, as a train step computes them
+    step = lambda _, c: levels.update_and_apply(tx, grads, c[1], c[0])
+    return jax.lax.fori_loop(0, 64, step, (params, state))
+
+  hlo = jax.jit(run, donate_argnums=(0, 1)).lower(params, tx.init(params),
+                                                  grads).compile().as_text()
+  assert "while" in hlo
+  assert _while_body_array_copies(hlo) == []
