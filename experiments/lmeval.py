@@ -19,7 +19,6 @@ scoring call, default 16), `max_gen_toks` (default 256).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -78,6 +77,7 @@ class NestedLM(TemplateLM):
                                   config.zeroshot.min_bucket, self._exp.mesh)
     self._max_len = generate.max_len(config)
     self._decoder = generate.decoder(self._exp, self._max_len)
+    self._samplers = {}
 
   @property
   def eot_token_id(self) -> int:
@@ -122,9 +122,13 @@ class NestedLM(TemplateLM):
       out.append(text[:min(cuts)] if cuts else text)
     return out
 
-  @functools.lru_cache(maxsize=8)
   def _sampler(self, new_tokens: int):
-    return generate.make_sampler(self._decoder, new_tokens=new_tokens, temperature=0.0, top_k=0)
+    """One compiled greedy sampler per generation length (kept on this model, not in a
+    module-level cache that would hold the model and its parameters alive)."""
+    if new_tokens not in self._samplers:
+      self._samplers[new_tokens] = generate.make_sampler(self._decoder, new_tokens=new_tokens,
+                                                         temperature=0.0, top_k=0)
+    return self._samplers[new_tokens]
 
 
 def main() -> None:
