@@ -15,9 +15,16 @@ def adamw(**overrides) -> ml_collections.ConfigDict:
 
 
 def level(pattern: str, *, period: int, optimizer: ml_collections.ConfigDict,
-          accumulate: str = "sum", lr_scale: float = 1.0) -> ml_collections.ConfigDict:
+          accumulate: str = "sum", accumulate_last: int = 1,
+          lr_scale: float = 1.0) -> ml_collections.ConfigDict:
+  """One entry of `config.levels` (nested/levels.py: `levels_from_config`).
+
+  accumulate: "sum" or "mean" of the gradients between updates, or "none": the level is
+  frozen between its updates and takes the gradient of the last `accumulate_last` steps.
+  """
   return ml_collections.ConfigDict(dict(pattern=pattern, period=period, optimizer=optimizer,
-                                        accumulate=accumulate, lr_scale=lr_scale))
+                                        accumulate=accumulate, accumulate_last=accumulate_last,
+                                        lr_scale=lr_scale))
 
 
 def get_base_config() -> ml_collections.ConfigDict:

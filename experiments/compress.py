@@ -216,7 +216,11 @@ class OnDevice:
   """
   owners: dict[str, str]       # path -> the level that writes it
   capacity: dict[str, int]     # path -> escape slots
-  periods: dict[str, int]      # level -> its period in optimizer steps
+
+  @property
+  def levels(self) -> frozenset[str]:
+    """The levels whose weights are kept compressed (re-encoded on the steps they fire)."""
+    return frozenset(self.owners.values())
 
   def _map(self, fn, tree):
     return jax.tree_util.tree_map_with_path(
@@ -259,10 +263,6 @@ class OnDevice:
     tree = self._map(reencode, new)
     return tree, jnp.sum(jnp.stack(overflow)).astype(jnp.int32)
 
-  def fires(self, step: int) -> bool:
-    """Whether any chosen level updates on 0-based step `step` (levels.levels_from_config)."""
-    return any((step + 1) % self.periods[name] == 0 for name in set(self.owners.values()))
-
 
 def on_device(config: ml_collections.ConfigDict, abstract_params: Any) -> OnDevice | None:
   """The `config.compression.train` plan for these parameters, or None when it is off."""
@@ -283,5 +283,4 @@ def on_device(config: ml_collections.ConfigDict, abstract_params: Any) -> OnDevi
   paths = selected_paths(config, abstract_params, s["levels"], s["min_size"])
   sizes = {path: math.prod(leaf.shape) for path, leaf in ctree.leaves_with_paths(abstract_params)}
   return OnDevice(owners={p: owner[p] for p in paths},
-                  capacity={p: max(64, math.ceil(c.escape_capacity * sizes[p])) for p in paths},
-                  periods={level.name: level.period for level in _levels(config)})
+                  capacity={p: max(64, math.ceil(c.escape_capacity * sizes[p])) for p in paths})

@@ -49,11 +49,18 @@ def tokens_per_step(config: ml_collections.ConfigDict) -> int:
   return config.train.batch_size * config.train.seq_len
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Global-norm clipping, then the nested learner of `config.levels` (SPEC §1)."""
-  learner = levels.nested_learner(levels.levels_from_config(
+def level_list(config: ml_collections.ConfigDict) -> tuple[levels.Level, ...]:
+  """The levels of `config.levels`, their optimizers on the config's schedule (SPEC §1)."""
+  return tuple(levels.levels_from_config(
       config.levels, tokens_per_step=tokens_per_step(config),
       schedule=learning_rate_schedule(config.train), make_transform=optimizers.from_config))
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   level_tuple: tuple[levels.Level, ...] | None = None
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping, then the nested learner of the levels (default: the config's)."""
+  learner = levels.nested_learner(level_list(config) if level_tuple is None else level_tuple)
   clip = (optax.clip_by_global_norm(config.train.clip_norm) if config.train.clip_norm > 0
           else optax.identity())
   return levels.chain(clip, learner)
@@ -73,6 +80,7 @@ class Experiment:
   graphdef: nnx.GraphDef
   abstract_params: Any
   optimizer: optax.GradientTransformation
+  levels: tuple[levels.Level, ...]      # the optimizer's levels, for `levels.plan_step`
 
   @functools.cached_property
   def apply(self) -> Callable[[Any, jax.Array], jax.Array]:
@@ -116,15 +124,17 @@ def build(config: ml_collections.ConfigDict, *, load_data: bool = True) -> Exper
   graphdef, abstract_params = models.abstract(config.model)
   mesh = mesh_lib.make_mesh(config.mesh)
   _check_train_config(config, mesh)
+  level_tuple = level_list(config)
+  optimizer = make_optimizer(config, level_tuple)
   if not load_data:
-    return Experiment(config, mesh, None, graphdef, abstract_params, make_optimizer(config))
+    return Experiment(config, mesh, None, graphdef, abstract_params, optimizer, level_tuple)
   dataset = data.load_dataset(config.data)
   if dataset.vocab_size > config.model.vocab_size:
     raise UserError(
         f"The data's vocabulary has {dataset.vocab_size} tokens but config.model.vocab_size="
         f"{config.model.vocab_size}: set --config.model.vocab_size={dataset.vocab_size} (or "
         f"larger), or use the tokenizer the preset was made for.")
-  return Experiment(config, mesh, dataset, graphdef, abstract_params, make_optimizer(config))
+  return Experiment(config, mesh, dataset, graphdef, abstract_params, optimizer, level_tuple)
 
 
 def state_shapes(exp: Experiment, on_device: Any = None) -> TrainState:

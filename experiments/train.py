@@ -30,37 +30,66 @@ from nested import levels, models
 from nested.errors import UserError
 
 
+def loss_fn(apply: Callable, labels: Any = None, frozen: frozenset[str] = frozenset()):
+  """`(params, batch) -> mean next-token NLL`, with the `frozen` levels' weights (`labels`:
+  each parameter's level) constants of its gradient (`levels.freeze`)."""
+
+  def loss(params, batch):
+    params = levels.freeze(params, labels, frozen)
+    return evaluate.token_nll(apply(params, batch[:, :-1]), batch[:, 1:]).mean()
+
+  return loss
+
+
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, grad_accum: int,
-                    on_device: compress.OnDevice | None = None, skip_nonfinite: bool = False):
-  """The train step, un-jitted. Gradients are averaged over `grad_accum` micro-batches.
+                    on_device: compress.OnDevice | None = None, skip_nonfinite: bool = False,
+                    level_list: tuple[levels.Level, ...] = ()):
+  """The train step `(state, batch, frozen=frozenset()) -> (state, metrics)`, un-jitted.
+
+  Gradients are averaged over `grad_accum` micro-batches.
+
+  `level_list` (the optimizer's levels) matters for levels with accumulate="none", which
+  take no gradient between their firings. `frozen` names those that take none at this
+  step (`levels.plan_step(level_list, step).frozen`, static under jit: one compiled variant
+  per set): their weights are constants of the loss, so the backward pass skips their
+  weight gradients. Any such level left out of `frozen` has its gradient zeroed on the
+  device instead: the same result, without the saving.
 
   `metrics["nonfinite"]` flags a NaN or inf loss or gradient norm; with `skip_nonfinite`
   (config.train.on_nonfinite="skip") such a step, or one whose update makes a parameter
-  non-finite, keeps the parameters and optimizer state it started from.
+  non-finite, keeps the parameters and optimizer state it started from (the levels' step
+  counts still advance, so that every level keeps firing on its step numbers).
 
   With `on_device` (config.compression.train) some parameters arrive exact-compressed: the
   step decodes them, and re-encodes those whose level fired.
   """
+  gated = tuple(lv for lv in level_list
+                if lv.accumulate == "none" and lv.accumulate_last < lv.period)
 
-  def loss_fn(params, batch):
-    return evaluate.token_nll(apply(params, batch[:, :-1]), batch[:, 1:]).mean()
-
-  def loss_and_grads(params, batch):
+  def loss_and_grads(params, batch, frozen):
+    labels = levels.label_params(level_list, params) if gated else None
+    value_and_grad = jax.value_and_grad(loss_fn(apply, labels, frozen))
     if grad_accum == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
-    # Micro-batch j takes rows j, j + grad_accum, ...: each device keeps its own rows.
-    micro = batch.reshape(-1, grad_accum, batch.shape[-1]).swapaxes(0, 1)
+      loss, grads = value_and_grad(params, batch)
+    else:
+      # Micro-batch j takes rows j, j + grad_accum, ...: each device keeps its own rows.
+      micro = batch.reshape(-1, grad_accum, batch.shape[-1]).swapaxes(0, 1)
 
-    def accumulate(carry, mb):
-      return jax.tree.map(jnp.add, carry, jax.value_and_grad(loss_fn)(params, mb)), None
+      def accumulate(carry, mb):
+        return jax.tree.map(jnp.add, carry, value_and_grad(params, mb)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
-    return jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+      loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    return loss, grads, labels
 
-  def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, Any]]:
+  def train_step(state: TrainState, batch: jax.Array,
+                 frozen: frozenset[str] = frozenset()) -> tuple[TrainState, dict[str, Any]]:
     params = ctree.decompress(state.params)          # a no-op unless on_device
-    loss, grads = loss_and_grads(params, batch)
+    loss, grads, labels = loss_and_grads(params, batch, frozen)
+    if gated:
+      grads = levels.gate_gradients(
+          grads, labels, [lv for lv in gated if lv.name not in frozen], state.step)
     # Level-aware: a level that does not fire leaves its params and optimizer state alone.
     new_params, opt_state = levels.update_and_apply(optimizer, grads, state.opt_state, params)
     fired = state_lib.fired_levels(opt_state)
@@ -70,7 +99,8 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
       nonfinite |= ~jnp.all(jnp.array([jnp.all(jnp.isfinite(p))
                                        for p in jax.tree.leaves(new_params)]))
       keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(nonfinite, o, n), old, new)
-      new_params, opt_state = keep(params, new_params), keep(state.opt_state, opt_state)
+      new_params = keep(params, new_params)
+      opt_state = levels.with_counts_of(keep(state.opt_state, opt_state), opt_state)
       fired = {name: f & ~nonfinite for name, f in fired.items()}
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": nonfinite,
                **{f"fired/{name}": f for name, f in fired.items()}}
@@ -83,13 +113,18 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
 
 
 def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | None = None):
+  """`make_train_step` for `exp`, jitted: `step(state, batch, plan.frozen)` compiles once per
+  distinct `frozen` set (static; positional, as jit with shardings takes no keywords), on
+  first use (`levels.plan_step`)."""
   shardings = state_lib.state_shardings(exp, state_lib.state_shapes(exp, on_device))
   return jax.jit(
       mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum,
-                                          on_device, exp.config.train.on_nonfinite == "skip"),
+                                          on_device, exp.config.train.on_nonfinite == "skip",
+                                          exp.levels),
                          exp.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(exp.mesh)),
-      out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0)
+      out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0,
+      static_argnums=2)
 
 
 def host_batch(exp: state_lib.Experiment, step: int):
@@ -215,11 +250,13 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   try:
     for step in range(start, cfg.steps):
       profiler.before_step(step)
-      state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh))
+      plan = levels.plan_step(exp.levels, step)
+      state, step_metrics = train_step(state, mesh_lib.put_batch(host_batch(exp, step), exp.mesh),
+                                       plan.frozen)
       done = step + 1
       profiler.after_step(done, state)
       guard.watch(done, step_metrics)
-      if on_device is not None and on_device.fires(step):
+      if on_device is not None and plan.fires & on_device.levels:
         check_overflow(int(step_metrics["compression/overflow"]), done, exp.config)
       log_step = done % cfg.log_every == 0 or done == cfg.steps
       stop = stop_requested(sigterm) if (log_step or jax.process_count() == 1) else False

@@ -10,6 +10,12 @@ not fire). `update_and_apply(tx, grads, state, params)` also writes the paramete
 for `every`, `nested_learner` and `chain` it does so under each level's own condition: a
 level that does not fire reads and writes neither its parameters nor its inner state; it
 only adds the gradient into its accumulator.
+
+A level with accumulate="none" is frozen between its firings: it takes the gradient of the
+step it fires on (and of the `accumulate_last - 1` steps before it) and no other. `plan_step`
+says, on the host, which levels fire and which are frozen at a step, so that the train
+step can be compiled with the frozen levels' weights as constants (`freeze`): their weight
+gradients are then not computed at all.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from nested.errors import UserError
 # `partition` is the current name of `multi_transform` (optax >= 0.2.5).
 _partition = getattr(optax, "partition", None) or optax.multi_transform
 
-_ACCUMULATE = ("sum", "mean")
+_ACCUMULATE = ("sum", "mean", "none")
 
 
 class LevelAwareTransform(optax.GradientTransformationExtraArgs):
@@ -105,64 +111,120 @@ def _accumulator_dtype(dtype):
   return dtype
 
 
-def every(inner: optax.GradientTransformation, period: int, *,
-          accumulate: str = "sum") -> LevelAwareTransform:
-  """Applies `inner` once every `period` steps to the gradients accumulated since (SPEC §1).
+def takes_gradient(step, period: int, accumulate: str = "sum", accumulate_last: int = 1):
+  """Whether a level's weights take a gradient at 0-based step `step` (int or int array).
 
-  With g_t the gradient of step t = 1, 2, ... and G_t = Σ_{s=t-period+1..t} g_s (divided by
-  `period` when accumulate="mean"):
+  Always, except for accumulate="none": then only on the last `accumulate_last` steps of
+  each period, the one it fires on (step ≡ period - 1 mod period) included.
+  """
+  if accumulate != "none" or period == 1:
+    return True
+  return (-(step + 1)) % period < accumulate_last
+
+
+def _check_accumulate(accumulate: str, accumulate_last: int, period: int) -> str | None:
+  """What is wrong with these settings, or None."""
+  if accumulate not in _ACCUMULATE:
+    return f"accumulate must be one of {_ACCUMULATE}, got {accumulate!r}"
+  if (isinstance(accumulate_last, bool) or not isinstance(accumulate_last, numbers.Integral)
+      or not 1 <= accumulate_last <= period):
+    return (f"accumulate_last must be an int from 1 to the period ({period} steps), got "
+            f"{accumulate_last!r}")
+  if accumulate_last != 1 and accumulate != "none":
+    return (f"accumulate_last={accumulate_last} applies only to accumulate='none' (with "
+            f"{accumulate!r} every gradient since the last firing is used)")
+  return None
+
+
+def every(inner: optax.GradientTransformation, period: int, *, accumulate: str = "sum",
+          accumulate_last: int = 1) -> LevelAwareTransform:
+  """Applies `inner` once every `period` steps to the gradients gathered since (SPEC §1).
+
+  With g_t the gradient of step t = 1, 2, ..., the level's gradient at a firing step is
+    G_t = Σ_{s=t-period+1..t} g_s                     accumulate="sum"
+          (1/period) Σ_{s=t-period+1..t} g_s          accumulate="mean"
+          (1/k) Σ_{s=t-k+1..t} g_s, k=accumulate_last accumulate="none"
+  and
     u_t, S = inner.update(G_t, S, params)   if t ≡ 0 (mod period)
     u_t = 0, S unchanged                     otherwise (inner is not run: `lax.cond`).
-  period == 1 is `inner` itself, bit for bit. `update_and_apply` (the returned transform's
-  `apply`) runs the same arithmetic, but a skipped step only adds g_t into the accumulator:
-  params and the inner state pass through the untaken branch of the `lax.cond` unchanged.
+  period == 1 is `inner` itself, bit for bit. accumulate="none" keeps no accumulator when
+  k = 1 and ignores the gradients of the other steps (callers that know the step on the
+  host need not compute them: `plan_step`, `freeze`). `update_and_apply` (the returned
+  transform's `apply`) runs the same arithmetic, but a skipped step only adds g_t into the
+  accumulator: params and the inner state pass through the untaken branch unchanged.
 
   Args:
     inner: the transform of the level.
     period: positive Python int, in steps.
-    accumulate: "sum" or "mean" of the gradients since the last firing.
+    accumulate: "sum", "mean" or "none" (see above).
+    accumulate_last: k, for accumulate="none": 1 ≤ k ≤ period.
 
   Returns:
     A `LevelAwareTransform` with state `EveryState`.
   """
   if isinstance(period, bool) or not isinstance(period, numbers.Integral) or period < 1:
     raise ValueError(f"every: period must be a positive int, got {period!r}.")
-  if accumulate not in _ACCUMULATE:
-    raise ValueError(f"every: accumulate must be one of {_ACCUMULATE}, got {accumulate!r}.")
+  problem = _check_accumulate(accumulate, accumulate_last, period)
+  if problem:
+    raise ValueError(f"every: {problem}.")
   period = int(period)
   inner = optax.with_extra_args_support(inner)
+  # Period 1 bypasses the accumulator: 0.0 + (-0.0) would turn -0.0 into +0.0.
+  has_accumulator = period > 1 and not (accumulate == "none" and accumulate_last == 1)
+  divisor = {"sum": 1, "mean": period, "none": accumulate_last}[accumulate]
 
   def period_array():
     return jnp.asarray(period, jnp.int32)
 
   def init_fn(params):
-    # Period 1 bypasses the accumulator: 0.0 + (-0.0) would turn -0.0 into +0.0.
-    accumulator = optax.EmptyState() if period == 1 else jax.tree.map(
+    accumulator = optax.EmptyState() if not has_accumulator else jax.tree.map(
         lambda p: jnp.zeros_like(p, dtype=_accumulator_dtype(p.dtype)), params)
     return EveryState(jnp.zeros([], jnp.int32), accumulator, inner.init(params), period_array())
+
+  def gathered(accumulator, grads, count):
+    """The accumulator with this step's gradient in it (the gradient, without one)."""
+    if not has_accumulator:
+      return grads
+    if accumulate == "none":
+      window = takes_gradient(count - 1, period, accumulate, accumulate_last)
+      grads = jax.tree.map(lambda g: jnp.where(window, g, jnp.zeros_like(g)), grads)
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), accumulator, grads)
+
+  def level_gradient(summed, grads):
+    return jax.tree.map(lambda a, g: (a / divisor if divisor != 1 else a).astype(g.dtype),
+                        summed, grads)
+
+  def after(summed, fires, accumulator):
+    """The accumulator for the next step: reset by a select on a firing step."""
+    if not has_accumulator:
+      return accumulator
+    return jax.tree.map(lambda a: jnp.where(fires, jnp.zeros_like(a), a), summed)
+
+  # The gradient joins the accumulator outside the cond and the accumulator is reset by a
+  # select after it: a cond that returned the accumulator made XLA copy it every step. The
+  # branches take what they touch as operands (not closures): a skipped step passes params
+  # and the inner state through unchanged, which XLA aliases instead of copying.
 
   def update_fn(updates, state, params=None, **extra_args):
     count = state.count + 1
     if period == 1:
       updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
       return updates, EveryState(count, state.accumulator, inner_state, period_array())
+    fires = count % period == 0
+    summed = gathered(state.accumulator, updates, count)
 
-    accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, updates)
-
-    def fire():
-      total = jax.tree.map(
-          lambda a, g: (a / period if accumulate == "mean" else a).astype(g.dtype),
-          accumulator, updates)
-      new_updates, inner_state = inner.update(total, state.inner_state, params, **extra_args)
+    def fire(inner_state, summed, grads):
+      new_updates, inner_state = inner.update(level_gradient(summed, grads), inner_state,
+                                              params, **extra_args)
       # Both branches of the cond must agree on dtypes.
-      new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
-      return new_updates, inner_state, jax.tree.map(jnp.zeros_like, accumulator)
+      return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, grads), inner_state
 
-    def skip():
-      return jax.tree.map(jnp.zeros_like, updates), state.inner_state, accumulator
+    def skip(inner_state, summed, grads):
+      return jax.tree.map(jnp.zeros_like, grads), inner_state
 
-    updates, inner_state, accumulator = jax.lax.cond(count % period == 0, fire, skip)
-    return updates, EveryState(count, accumulator, inner_state, period_array())
+    updates_out, inner_state = jax.lax.cond(fires, fire, skip, state.inner_state, summed, updates)
+    return updates_out, EveryState(count, after(summed, fires, state.accumulator), inner_state,
+                                   period_array())
 
   def apply_fn(grads, state, params, **extra_args):
     count = state.count + 1
@@ -170,18 +232,12 @@ def every(inner: optax.GradientTransformation, period: int, *,
       updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
       return (optax.apply_updates(params, updates),
               EveryState(count, state.accumulator, inner_state, period_array()))
-
-    # The gradient joins the accumulator outside the cond and the accumulator is reset by a
-    # select after it: a cond that returned the accumulator made XLA copy it every step. The
-    # branches take what they touch as operands (not closures): a skipped step passes params
-    # and the inner state through unchanged, which XLA aliases instead of copying.
     fires = count % period == 0
-    summed = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, grads)
+    summed = gathered(state.accumulator, grads, count)
 
     def fire(params, inner_state, summed, grads):
-      total = jax.tree.map(lambda a, g: (a / period if accumulate == "mean" else a).astype(g.dtype),
-                           summed, grads)
-      updates, inner_state = inner.update(total, inner_state, params, **extra_args)
+      updates, inner_state = inner.update(level_gradient(summed, grads), inner_state, params,
+                                          **extra_args)
       updates = jax.tree.map(lambda u, g: u.astype(g.dtype), updates, grads)
       return optax.apply_updates(params, updates), inner_state
 
@@ -190,8 +246,8 @@ def every(inner: optax.GradientTransformation, period: int, *,
 
     params, inner_state = jax.lax.cond(fires, fire, skip, params, state.inner_state, summed,
                                        grads)
-    accumulator = jax.tree.map(lambda a: jnp.where(fires, jnp.zeros_like(a), a), summed)
-    return params, EveryState(count, accumulator, inner_state, period_array())
+    return params, EveryState(count, after(summed, fires, state.accumulator), inner_state,
+                              period_array())
 
   return LevelAwareTransform(init_fn, update_fn, apply_fn)
 
@@ -219,13 +275,70 @@ class Level:
     pattern: regex, `re.search`-ed against each parameter's `param_path`.
     transform: the level's gradient transform.
     period: in optimizer steps.
-    accumulate: "sum" or "mean" of the gradients between firings.
+    accumulate: "sum" or "mean" of the gradients between firings, or "none" (frozen
+      between firings; see `every`).
+    accumulate_last: with "none", how many steps' gradients (ending at the firing one) it
+      takes.
   """
   name: str
   pattern: str
   transform: optax.GradientTransformation
   period: int
   accumulate: str = "sum"
+  accumulate_last: int = 1
+
+  def takes_gradient(self, step):
+    """Whether this level's weights take a gradient at 0-based step `step`."""
+    return takes_gradient(step, self.period, self.accumulate, self.accumulate_last)
+
+
+class StepPlan(NamedTuple):
+  """What the levels do at one step, known on the host from the step number alone."""
+  fires: frozenset[str]    # levels whose transform runs (their weights change)
+  frozen: frozenset[str]   # levels whose weights take no gradient (accumulate="none")
+
+
+def plan_step(level_list: Sequence[Level], step: int) -> StepPlan:
+  """The plan of 0-based step `step`: level ℓ fires when (step + 1) ≡ 0 mod p_ℓ.
+
+  This matches `every`'s own count as long as each level's count equals the train step's
+  (a skipped non-finite step still advances the counts: `with_counts_of`).
+  """
+  return StepPlan(
+      fires=frozenset(lv.name for lv in level_list if (step + 1) % lv.period == 0),
+      frozen=frozenset(lv.name for lv in level_list if not lv.takes_gradient(step)))
+
+
+def freeze(params: Any, labels: Any, frozen: frozenset[str]) -> Any:
+  """`params` with the leaves of the `frozen` levels as constants of any derivative taken
+  through it (`lax.stop_gradient`): the backward pass then computes no gradient for them
+  (their gradient is zero), e.g. no xᵀδ matmul for a frozen linear layer."""
+  if not frozen:
+    return params
+  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label in frozen else p,
+                      params, labels)
+
+
+def gate_gradients(grads: Any, labels: Any, level_list: Sequence[Level], step: jax.Array) -> Any:
+  """`grads` with zeros for the levels that take no gradient at (traced) step `step`.
+
+  The in-program form of `freeze`: the same result, decided on the device (so without
+  saving the backward pass's work); levels that always take a gradient are untouched.
+  """
+  gated = {lv.name: lv.takes_gradient(step) for lv in level_list
+           if lv.accumulate == "none" and lv.period > 1}
+  if not gated:
+    return grads
+  return jax.tree.map(
+      lambda g, label: jnp.where(gated[label], g, jnp.zeros_like(g)) if label in gated else g,
+      grads, labels)
+
+
+def with_counts_of(opt_state: Any, source: Any) -> Any:
+  """`opt_state` with each level's step count (`EveryState.count`) taken from `source`."""
+  is_every = lambda x: isinstance(x, EveryState)
+  return jax.tree.map(lambda s, c: s._replace(count=c.count) if is_every(s) else s,
+                      opt_state, source, is_leaf=is_every)
 
 
 def param_path(keypath: Sequence[Any]) -> str:
@@ -325,7 +438,8 @@ def nested_learner(levels: Sequence[Level]) -> LevelAwareTransform:
     its updates level by level (`update_and_apply`).
   """
   label_tree = _label_fn(levels)
-  transforms = {level.name: every(level.transform, level.period, accumulate=level.accumulate)
+  transforms = {level.name: every(level.transform, level.period, accumulate=level.accumulate,
+                                 accumulate_last=level.accumulate_last)
                 for level in levels}
   partitioned = _partition(transforms, label_tree)
 
@@ -406,7 +520,8 @@ def _field(name: str, cfg: Any, key: str, default: Any = None) -> Any:
     return cfg[key]
   if default is None:
     raise UserError(f"config.levels.{name} has no field {key!r}; each level needs pattern, "
-                    f"period (tokens), optimizer, and optionally accumulate and lr_scale.")
+                    f"period (tokens), optimizer, and optionally accumulate, accumulate_last and "
+                    f"lr_scale.")
   return default
 
 
@@ -422,7 +537,7 @@ def levels_from_config(levels_cfg: ml_collections.ConfigDict, *, tokens_per_step
 
   Args:
     levels_cfg: level name -> ConfigDict(pattern, period, optimizer, accumulate="sum",
-      lr_scale=1.0).
+      accumulate_last=1, lr_scale=1.0).
     tokens_per_step: tokens in one optimizer step.
     schedule: the global learning-rate schedule over 0-based optimizer steps, or a constant.
     make_transform: (optimizer config, learning-rate schedule) -> transform.
@@ -437,11 +552,14 @@ def levels_from_config(levels_cfg: ml_collections.ConfigDict, *, tokens_per_step
     cfg = levels_cfg[name]
     period = _period_in_steps(name, _field(name, cfg, "period"), tokens_per_step)
     accumulate = _field(name, cfg, "accumulate", "sum")
-    if accumulate not in _ACCUMULATE:
-      raise UserError(f"config.levels.{name}.accumulate={accumulate!r}; use one of "
-                      f"{_ACCUMULATE}.")
+    accumulate_last = _field(name, cfg, "accumulate_last", 1)
+    problem = _check_accumulate(accumulate, accumulate_last, period)
+    if problem:
+      raise UserError(f"config.levels.{name}: {problem} (the level's period is {period} "
+                      f"steps; accumulate is one of {_ACCUMULATE}).")
     lr_scale = float(_field(name, cfg, "lr_scale", 1.0))
     transform = make_transform(_field(name, cfg, "optimizer"),
                                _level_schedule(schedule, period, lr_scale))
-    levels.append(Level(name, _field(name, cfg, "pattern"), transform, period, accumulate))
+    levels.append(Level(name, _field(name, cfg, "pattern"), transform, period, accumulate,
+                        accumulate_last))
   return levels

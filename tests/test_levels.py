@@ -73,6 +73,31 @@ def test_every_sgd_matches_numpy_reference(period, accumulate):
   assert int(state.count) == steps
 
 
+@pytest.mark.parametrize("period,last", [(4, 1), (4, 2), (3, 3)])
+@pytest.mark.parametrize("path", ["update", "apply"])
+def test_every_accumulate_none_matches_numpy_reference(period, last, path):
+  """A frozen level fires on the mean of its last `last` gradients and ignores the rest."""
+  rng = _rng()
+  lr, steps, shapes = 0.1, 12, {"w": (3, 5), "b": (5,)}
+  params = _tree(rng, shapes)
+  grads = [_tree(rng, shapes) for _ in range(steps)]
+  tx = levels.every(optax.sgd(lr), period, accumulate="none", accumulate_last=last)
+  state = tx.init(params)
+  assert isinstance(state.accumulator, optax.EmptyState) == (last == 1)
+  step = jax.jit(tx.update if path == "update" else tx.apply)
+  for t, g in enumerate(grads, start=1):
+    if t % period == 0:
+      expected = {k: -lr * sum(w[k] for w in grads[t - last:t]) / last for k in shapes}
+    else:
+      expected = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    out, state = step(g, state, params)
+    if path == "apply":
+      out, params = jax.tree.map(np.subtract, out, params), out
+    for k in shapes:
+      np.testing.assert_allclose(out[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert bool(levels.fired(state)) == (t % period == 0)
+
+
 def test_every_leaves_inner_state_bitwise_untouched_between_firings():
   rng = _rng()
   shapes = {"w": (4, 3)}
@@ -118,6 +143,30 @@ def test_every_rejects_bad_period(period):
 def test_every_rejects_bad_accumulate():
   with pytest.raises(ValueError, match="accumulate"):
     levels.every(optax.sgd(1.0), 2, accumulate="max")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(accumulate="none", accumulate_last=5), "accumulate_last must be an int from 1 to"),
+    (dict(accumulate="none", accumulate_last=0), "accumulate_last must be an int from 1 to"),
+    (dict(accumulate="sum", accumulate_last=2), "applies only to accumulate='none'")])
+def test_every_rejects_bad_accumulate_last(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    levels.every(optax.sgd(1.0), 4, **kwargs)
+
+
+def test_plan_step_names_the_firing_and_the_frozen_levels():
+  sgd = optax.sgd(1.0)
+  level_list = [levels.Level("fast", "a", sgd, 1, "none"),    # period 1: ordinary training
+                levels.Level("sum3", "b", sgd, 3, "sum"),
+                levels.Level("none4", "c", sgd, 4, "none"),
+                levels.Level("last2", "d", sgd, 6, "none", accumulate_last=2)]
+  plans = [levels.plan_step(level_list, s) for s in range(12)]
+  assert [s for s, p in enumerate(plans) if "sum3" in p.fires] == [2, 5, 8, 11]
+  assert [s for s, p in enumerate(plans) if "none4" in p.fires] == [3, 7, 11]
+  assert [s for s, p in enumerate(plans) if "last2" in p.fires] == [5, 11]
+  assert all("fast" in p.fires and not p.frozen & {"fast", "sum3"} for p in plans)
+  assert [s for s, p in enumerate(plans) if "none4" not in p.frozen] == [3, 7, 11]
+  assert [s for s, p in enumerate(plans) if "last2" not in p.frozen] == [4, 5, 10, 11]
 
 
 def _counting(calls):
@@ -306,6 +355,27 @@ def test_levels_from_config_rejects_periods_off_the_step_grid(period, nearest):
   message = str(e.value)
   assert "config.levels.slow.period" in message and str(period) in message
   assert "256 tokens per step" in message and nearest in message
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(accumulate="max"), r"config.levels.slow: accumulate must be one of \('sum', 'mean', "
+                             r"'none'\), got 'max'"),
+    (dict(accumulate="none", accumulate_last=5),
+     r"config.levels.slow: accumulate_last must be an int from 1 to the period \(4 steps\)"),
+    (dict(accumulate="mean", accumulate_last=2), r"applies only to accumulate='none'")])
+def test_levels_from_config_bad_accumulate_names_the_level(fields, message):
+  cfg = _levels_cfg(slow=dict(pattern="mlp", period=4 * 8, optimizer=dict(name="sgd"), **fields))
+  with pytest.raises(UserError, match=message):
+    levels.levels_from_config(cfg, tokens_per_step=8, schedule=0.1,
+                              make_transform=_make_transform)
+
+
+def test_levels_from_config_allows_none_on_a_period_one_level():
+  cfg = _levels_cfg(outer=dict(pattern=".*", period=0, accumulate="none",
+                               optimizer=dict(name="sgd")))
+  (level,) = levels.levels_from_config(cfg, tokens_per_step=8, schedule=0.1,
+                                       make_transform=_make_transform)
+  assert level.period == 1 and all(level.takes_gradient(s) for s in range(5))
 
 
 def test_levels_from_config_missing_field_is_a_user_error():

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from conftest import forget_checkpoints_after, micro_config
-from experiments import checkpoint, state as state_lib, train
+from experiments import checkpoint, evaluate, flops, state as state_lib, train
+from nested import levels
 from nested.errors import UserError
 
 
@@ -245,3 +246,99 @@ def test_keep_every_off_the_checkpoint_steps_is_a_user_error(cache_dir, keep_eve
   config = micro_config(cache_dir, **{"train.keep_every": keep_every})  # checkpoint_every 3
   with pytest.raises(UserError, match="multiple of config.train.checkpoint_every=3"):
     state_lib.build(config, load_data=False)
+
+
+# ------------------------------------------ a level frozen between firings (accumulate="none")
+
+def frozen_mlp_config(cache_dir, accumulate="none", **overrides):
+  """slow_mlp with its MLP level firing every 4 steps, frozen in between."""
+  config = micro_config(cache_dir, preset="slow_mlp", **overrides)
+  config.levels.slow.period = 4 * config.train.batch_size * config.train.seq_len
+  config.levels.slow.accumulate = accumulate
+  return config
+
+
+def is_mlp(keypath):
+  return "/mlp/" in levels.param_path(keypath)
+
+
+def test_frozen_steps_take_no_mlp_gradient_and_dispatch_equals_one_program(cache_dir):
+  exp = state_lib.build(frozen_mlp_config(cache_dir))
+  step = train.jit_train_step(exp)
+  dispatched, one_program = state_lib.init_state(exp), state_lib.init_state(exp)
+  for s in range(8):
+    batch = train.host_batch(exp, s)
+    if s == 0:
+      # Independently: the global norm of every gradient but the MLPs'.
+      params = jax.device_get(dispatched.params)
+      grads = jax.grad(lambda p: evaluate.token_nll(exp.apply(p, batch[:, :-1]),
+                                                    batch[:, 1:]).mean())(params)
+      others = [g for kp, g in jax.tree_util.tree_flatten_with_path(grads)[0] if not is_mlp(kp)]
+      want_norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in others))
+    plan = levels.plan_step(exp.levels, s)
+    assert plan.frozen == ({"slow"} if s % 4 != 3 else set())
+    dispatched, m_dispatched = step(dispatched, batch, plan.frozen)
+    one_program, m_one = step(one_program, batch)
+    if s == 0:
+      np.testing.assert_allclose(float(m_dispatched["grad_norm"]), want_norm, rtol=1e-5)
+      np.testing.assert_allclose(float(m_one["grad_norm"]), want_norm, rtol=1e-5)
+    assert bool(m_dispatched["fired/slow"]) == bool(m_one["fired/slow"]) == (s % 4 == 3)
+    for a, b in zip(*map(jax.tree.leaves, (params_of(dispatched), params_of(one_program)))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_freezing_a_level_removes_exactly_its_weight_gradient_matmuls(cache_dir):
+  exp = state_lib.build(frozen_mlp_config(cache_dir))
+  params = state_lib.init_state(exp).params
+  batch = train.host_batch(exp, 0)
+  labels = levels.label_params(exp.levels, params)
+  count = lambda frozen: flops.count(jax.value_and_grad(train.loss_fn(exp.apply, labels, frozen)),
+                                     params, batch)
+  tokens = batch.shape[0] * (batch.shape[1] - 1)
+  mlp = [x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0] if is_mlp(kp)]
+  # dW = xᵀδ: 2 · tokens · fan_in · fan_out FLOPs per MLP kernel, and nothing else.
+  assert count(frozenset()) - count(frozenset({"slow"})) == sum(2 * tokens * x.size for x in mlp)
+
+
+def test_accumulate_none_changes_the_slow_update(cache_dir):
+  moved = {}
+  for accumulate in ("sum", "none"):
+    exp = state_lib.build(frozen_mlp_config(cache_dir, accumulate))
+    step, state = train.jit_train_step(exp), state_lib.init_state(exp)
+    start = params_of(state)
+    for s in range(4):
+      state, _ = step(state, train.host_batch(exp, s), levels.plan_step(exp.levels, s).frozen)
+    moved[accumulate] = [a - b for (kp, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(params_of(state))[0], jax.tree.leaves(start))
+        if is_mlp(kp)]
+  assert all(np.abs(m).max() > 0 for m in moved["none"])
+  assert any(not np.allclose(a, b, rtol=1e-3) for a, b in zip(moved["sum"], moved["none"]))
+
+
+def test_a_frozen_level_resumes_bitwise_and_reports_its_firings(cache_dir, tmp_path):
+  config = frozen_mlp_config(cache_dir, **{"train.steps": 8, "train.checkpoint_every": 3})
+  workdir = str(tmp_path)
+  full = params_of(train.train(state_lib.build(config), workdir))
+  forget_checkpoints_after(workdir, 3)
+  resumed = train.train(state_lib.build(config), workdir)
+  assert_trees_bitwise_equal(full, params_of(resumed))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["fired/slow"] for r in records] == [s % 4 == 0 for s in range(1, 9)]
+
+
+def test_skipped_nonfinite_steps_keep_the_level_counts_on_the_step_numbers(cache_dir):
+  exp = state_lib.build(frozen_mlp_config(cache_dir, **{"train.on_nonfinite": "skip"}))
+  state = state_lib.init_state(exp)
+  params = jax.device_get(state.params)
+  params["unembed"]["kernel"] = params["unembed"]["kernel"].copy()
+  params["unembed"]["kernel"][0, 0] = np.nan       # every step's loss is NaN
+  state = state._replace(params=params)
+  step = train.jit_train_step(exp)
+  for s in range(4):
+    state, metrics = step(state, train.host_batch(exp, s), levels.plan_step(exp.levels, s).frozen)
+    assert bool(metrics["nonfinite"]) and not bool(metrics["fired/slow"])
+  assert_trees_bitwise_equal(params, params_of(state))
+  counts = [int(s.count) for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda x: isinstance(x, levels.EveryState))
+      if isinstance(s, levels.EveryState)]
+  assert counts == [4, 4]      # as many as the steps taken: plan_step stays in step
