@@ -9,9 +9,13 @@ Transformer++ of the same size) it records:
 
 * FLOPs of the pieces of a step, counted through their loops (experiments/flops.py; XLA's
   cost analysis would count a scanned chunk loop's body once): forward, backward, gradient
-  clipping, and for each level its accumulation (every step, periods > 1) and its optimizer
-  update (only on the steps where it fires);
-* the measured wall time of every real train step over `burn_rate.steps` steps;
+  clipping, and for each level its accumulation (every step, periods > 1, unless the level
+  is frozen between firings: accumulate="none") and its optimizer update (only on the steps
+  where it fires). The backward pass is counted for each train-step variant that runs: on
+  a step where levels are frozen (`levels.plan_step`), their weight gradients are not
+  computed;
+* the measured wall time of every real train step over `burn_rate.steps` steps, each step
+  running the variant the train loop runs;
 
 and writes `burn_rate.json`, `burn_rate.md` (amortised totals) and `burn_rate.png` (FLOPs
 and time per step: the spikes are the steps where slow levels fire) to the workdir.
@@ -30,9 +34,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import checkpoint, evaluate, flops, mesh as mesh_lib, state as state_lib
-from experiments import sweep, train
-from nested import levels, optimizers
+from experiments import checkpoint, flops, mesh as mesh_lib, state as state_lib, sweep, train
+from nested import levels
 
 
 def subtree(tree: Any, labels: Any, name: str) -> Any:
@@ -40,85 +43,99 @@ def subtree(tree: Any, labels: Any, name: str) -> Any:
   return jax.tree.map(lambda leaf, label: leaf if label == name else None, tree, labels)
 
 
-def step_components(exp: state_lib.Experiment, params: Any, batch: jax.Array) -> dict[str, Any]:
-  """FLOPs of each compiled piece of one train step, and each level's period."""
+def variant_name(frozen: frozenset[str]) -> str:
+  """A train-step variant's name in the report: its frozen levels, or "all" (none frozen)."""
+  return "frozen:" + ",".join(sorted(frozen)) if frozen else "all"
+
+
+def variants(exp: state_lib.Experiment, steps: int) -> list[frozenset[str]]:
+  """The distinct frozen-level sets of steps 0..steps-1, in order of first use."""
+  return list(dict.fromkeys(levels.plan_step(exp.levels, s).frozen for s in range(steps)))
+
+
+def step_components(exp: state_lib.Experiment, params: Any, batch: jax.Array,
+                    steps: int = 1) -> dict[str, Any]:
+  """FLOPs of each compiled piece of one train step (the backward pass for each variant run
+  in `steps` steps), and each level's period."""
   cfg = exp.config
-
-  def loss(p, b):
-    return evaluate.token_nll(exp.apply(p, b[:, :-1]), b[:, 1:]).mean()
-
-  forward = flops.count(loss, params, batch)
-  forward_backward = flops.count(jax.value_and_grad(loss), params, batch)
+  labels = levels.label_params(exp.levels, params)
+  forward = flops.count(train.loss_fn(exp.apply), params, batch)
+  backward = {variant_name(frozen): flops.count(jax.value_and_grad(
+      train.loss_fn(exp.apply, labels, frozen)), params, batch) - forward
+              for frozen in variants(exp, steps)}
   clip = optax.clip_by_global_norm(max(cfg.train.clip_norm, 1e-6))
-  level_list = levels.levels_from_config(
-      cfg.levels, tokens_per_step=state_lib.tokens_per_step(cfg),
-      schedule=state_lib.learning_rate_schedule(cfg.train), make_transform=optimizers.from_config)
-  labels = levels.label_params(level_list, params)
   per_level = {}
-  for level in level_list:
+  for level in exp.levels:
     owned = subtree(params, labels, level.name)
     update = flops.count(lambda g, s, p, t=level.transform: t.update(g, s, p),
                        owned, level.transform.init(owned), owned)
+    keeps_sum = level.period > 1 and not (level.accumulate == "none"
+                                          and level.accumulate_last == 1)
     accumulate = (flops.count(lambda a, g: jax.tree.map(jnp.add, a, g), owned, owned)
-                  if level.period > 1 else 0.0)
-    per_level[level.name] = {"period": level.period, "update": update, "accumulate": accumulate,
+                  if keeps_sum else 0.0)
+    per_level[level.name] = {"period": level.period, "accumulate_mode": level.accumulate,
+                             "update": update, "accumulate": accumulate,
                              "params": sum(int(x.size) for x in jax.tree.leaves(owned))}
-  return {"forward": forward, "backward": forward_backward - forward,
+  return {"forward": forward, "backward": backward,
           "clip": flops.count(lambda g, s: clip.update(g, s), params, clip.init(params)),
           "levels": per_level}
 
 
-def flops_per_step(components: dict[str, Any], steps: int) -> dict[str, np.ndarray]:
-  """Per-step FLOPs of each component over steps 1..steps (a level fires when step % p == 0)."""
-  t = np.arange(1, steps + 1)
+def flops_per_step(components: dict[str, Any],
+                   plans: list[levels.StepPlan]) -> dict[str, np.ndarray]:
+  """Per-step FLOPs of each component over the steps of `plans` (`levels.plan_step`)."""
+  steps = len(plans)
   series = {"forward": np.full(steps, components["forward"]),
-            "backward": np.full(steps, components["backward"]),
+            "backward": np.array([components["backward"][variant_name(p.frozen)] for p in plans]),
             "clip": np.full(steps, components["clip"])}
   for name, level in components["levels"].items():
     series[f"accumulate/{name}"] = np.full(steps, level["accumulate"])
-    series[f"update/{name}"] = np.where(t % level["period"] == 0, level["update"], 0.0)
+    series[f"update/{name}"] = np.array([level["update"] if name in p.fires else 0.0
+                                         for p in plans])
   return series
 
 
-def timed_steps(exp: state_lib.Experiment, steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Wall time of each of `steps` real train steps (after two compiled warm-up steps),
-  and which levels fired at each."""
+def timed_steps(exp: state_lib.Experiment, steps: int) -> tuple[np.ndarray, list, list]:
+  """Wall time of each of `steps` real train steps, each the variant the train loop runs
+  (every variant compiled and run once first), which levels fired at each, and its variant."""
   step_fn = train.jit_train_step(exp)
+  batch = mesh_lib.put_batch(train.host_batch(exp, 0), exp.mesh)
+  for frozen in variants(exp, steps):
+    jax.block_until_ready(step_fn(state_lib.init_state(exp), batch, frozen))
   state = state_lib.init_state(exp)
-  for s in range(2):
-    state, metrics = step_fn(state, mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh))
-  jax.block_until_ready(metrics)
-  # Restart the step count so that firing steps line up with those of the FLOPs series.
-  state = state_lib.init_state(exp)
-  seconds, fired = [], []
+  seconds, fired, ran = [], [], []
   for s in range(steps):
     batch = mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh)
+    frozen = levels.plan_step(exp.levels, s).frozen
     start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(metrics)
     seconds.append(time.perf_counter() - start)
     fired.append({k[len("fired/"):]: bool(v) for k, v in metrics.items() if k.startswith("fired/")})
-  return np.array(seconds), fired
+    ran.append(variant_name(frozen))
+  return np.array(seconds), fired, ran
 
 
 def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
   exp = state_lib.build(config)
   params = state_lib.init_state(exp).params
   batch = mesh_lib.put_batch(train.host_batch(exp, 0), exp.mesh)
-  components = step_components(exp, params, batch)
-  series = flops_per_step(components, steps)
-  seconds, fired = timed_steps(exp, steps)
+  components = step_components(exp, params, batch, steps)
+  plans = [levels.plan_step(exp.levels, s) for s in range(steps)]
+  series = flops_per_step(components, plans)
+  seconds, fired, ran = timed_steps(exp, steps)
   total = sum(series.values())
-  reads = components["forward"] + components["backward"]
+  reads = series["forward"] + series["backward"]
   return {
       "model": config.model.name, "steps": steps,
       "params": sum(level["params"] for level in components["levels"].values()),
       "components": components,
       "flops_per_step": {k: v.tolist() for k, v in series.items()},
-      "seconds_per_step": seconds.tolist(), "fired": fired,
+      "seconds_per_step": seconds.tolist(), "fired": fired, "variant": ran,
+      "by_kind": by_kind(total, seconds, [step_kind(p, exp.levels) for p in plans]),
       "amortised": {
           "flops_per_step": float(total.mean()),
-          "forward_backward_share": float(reads / total.mean()),
+          "forward_backward_share": float(reads.mean() / total.mean()),
           "update_share": float(sum(series[k].mean() for k in series if k.startswith("update/"))
                                 / total.mean()),
           "peak_to_mean_flops": float(total.max() / total.mean()),
@@ -126,6 +143,28 @@ def measure(config: ml_collections.ConfigDict, steps: int) -> dict[str, Any]:
           "peak_to_median_seconds": float(seconds.max() / np.median(seconds)),
       },
   }
+
+
+def step_kind(plan: levels.StepPlan, level_list) -> str:
+  """A step's kind in the report: which slow levels (period > 1) fire and which are frozen."""
+  slow = [lv.name for lv in level_list if lv.period > 1]
+  fires = [n for n in slow if n in plan.fires] or ["-"]
+  return f"fires {','.join(fires)}; frozen {','.join(sorted(plan.frozen)) or '-'}"
+
+
+def by_kind(total: np.ndarray, seconds: np.ndarray, kinds: list[str]) -> dict[str, Any]:
+  """Per kind of step: steps run, FLOPs per step, median wall time per step, and both as
+  fractions of the heaviest kind's."""
+  out = {}
+  for kind in dict.fromkeys(kinds):
+    mask = np.array([k == kind for k in kinds])
+    out[kind] = {"steps": int(mask.sum()), "flops_per_step": float(total[mask].mean()),
+                 "median_seconds": float(np.median(seconds[mask]))}
+  heaviest = max(out.values(), key=lambda v: v["flops_per_step"])
+  for v in out.values():
+    v["flops_vs_heaviest"] = v["flops_per_step"] / heaviest["flops_per_step"]
+    v["seconds_vs_heaviest"] = v["median_seconds"] / heaviest["median_seconds"]
+  return out
 
 
 def default_steps(config: ml_collections.ConfigDict) -> int:
@@ -151,6 +190,13 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     for level, c in r["components"]["levels"].items():
       lines.append(f"| {level} | {c['period']} | {c['params'] / 1e6:.3f}M | "
                    f"{c['update'] / 1e6:.2f} M | {c['accumulate'] / 1e6:.2f} M |")
+    lines += ["", f"Per kind of step, {name} (fractions of the heaviest kind):", "",
+              "| step | steps | FLOPs/step | FLOPs fraction | median ms/step | time fraction |",
+              "|---|---|---|---|---|---|"]
+    for kind, k in r["by_kind"].items():
+      lines.append(f"| {kind} | {k['steps']} | {k['flops_per_step'] / 1e9:.3f} G | "
+                   f"{k['flops_vs_heaviest']:.3f} | {1e3 * k['median_seconds']:.1f} | "
+                   f"{k['seconds_vs_heaviest']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
