@@ -28,12 +28,12 @@ PRESETS = {
 }
 PAPER_PRESETS = ("760m", "1p3b")
 # Variants of `tiny` that exercise the nested learner.
-VARIANTS = ("slow_mlp",)
+VARIANTS = ("slow_mlp", "slow_mlp_frozen")
 
 
 def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   if preset in VARIANTS:
-    return slow_mlp()
+    return slow_mlp(frozen=preset == "slow_mlp_frozen")
   if preset not in PRESETS:
     raise ValueError(f"Unknown preset {preset!r} for configs/transformer.py; choose one of "
                      f"{sorted(PRESETS) + list(VARIANTS)}, e.g. configs/transformer.py:tiny")
@@ -51,12 +51,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
   return c
 
 
-def slow_mlp() -> ml_collections.ConfigDict:
+def slow_mlp(frozen: bool = False) -> ml_collections.ConfigDict:
   """`tiny` with two levels: the MLP weights form a `slow` level that updates once every
-  4 steps (on the gradients summed over those steps); everything else updates every step."""
+  4 steps (on the gradients summed over those steps; `slow_mlp_frozen`: on the gradient of
+  the step it updates on alone, frozen in between); everything else updates every step."""
   c = get_config("tiny")
   tokens_per_step = c.train.batch_size * c.train.seq_len
   c.levels = ml_collections.ConfigDict()
-  c.levels.slow = base.level("/mlp/", period=4 * tokens_per_step, optimizer=base.adamw())
+  c.levels.slow = base.level("/mlp/", period=4 * tokens_per_step, optimizer=base.adamw(),
+                             accumulate="none" if frozen else "sum")
   c.levels.outer = base.level(".*", period=0, optimizer=base.adamw())
   return c

@@ -210,15 +210,20 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
     steps = np.arange(1, r["steps"] + 1)
     ax = axes[row, 0]
     bottom = np.zeros(r["steps"])
-    for component, values in r["flops_per_step"].items():
-      values = np.asarray(values) / 1e9
+    # A fixed order and colour per component: the JSON report stores its keys sorted.
+    order = ["forward", "backward", "clip"]
+    components = order + sorted(set(r["flops_per_step"]) - set(order))
+    for i, component in enumerate(components):
+      values = np.asarray(r["flops_per_step"][component]) / 1e9
       if values.any():
-        ax.bar(steps, values, bottom=bottom, label=component, width=1.0)
+        ax.bar(steps, values, bottom=bottom, label=component, width=1.0, color=f"C{i}")
         bottom += values
     ax.set(title=f"{name}: FLOPs per step (loops counted)", xlabel="step", ylabel="GFLOP")
     ax.legend(fontsize=7, loc="lower right")
     ax = axes[row, 1]
-    ax.plot(steps, 1e3 * np.asarray(r["seconds_per_step"]), marker=".", lw=0.8)
+    ms = 1e3 * np.asarray(r["seconds_per_step"])
+    ax.plot(steps, ms, marker=".", lw=0.8)
+    ax.set_ylim(0, 1.1 * ms.max())     # from zero: a spike's size reads as a fraction of a step
     for level in r["components"]["levels"]:
       fired = [s for s, f in zip(steps, r["fired"]) if f.get(level)]
       if r["components"]["levels"][level]["period"] > 1 and fired:
