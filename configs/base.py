@@ -42,6 +42,15 @@ def get_base_config() -> ml_collections.ConfigDict:
       bin_dtype="uint16",    # element type of pre-tokenized .bin files
       val_fraction=0.05,
       cache_dir="",          # '' = $XDG_CACHE_HOME/nested or ~/.cache/nested
+      synthetic="",          # '' = the corpus above; "mqar": multi-query associative recall
+                             # (experiments/synthetic.py), loss and accuracy on the answers
+      mqar=ml_collections.ConfigDict(dict(
+          vocab_size=256,    # keys from [1, V/2), values from [V/2, V)
+          num_pairs=8,       # key-value pairs per sequence
+          query_fraction=1.0,  # share of the keys queried
+          power_a=0.01,      # Zoology's power law over query gaps (1 = uniform)
+          eval_examples=512,   # validation sequences (the same for every run)
+      )),
   ))
 
   c.train = ml_collections.ConfigDict(dict(

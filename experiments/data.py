@@ -64,10 +64,11 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from experiments import synthetic
 from nested.errors import UserError
 
 DOC_DELIMITER = "<|endoftext|>"
@@ -187,6 +188,7 @@ class Dataset:
   tokenizer: Tokenizer | None
   val_bytes_per_token: float | None  # None: pre-tokenized input without a tokenizer
   description: str
+  task: Any = None  # a synthetic task (experiments/synthetic.py); then train and val are empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +208,14 @@ class _Source:
 
 
 def load_dataset(data_cfg) -> Dataset:
-  """Tokenizes the configured corpus on first use and memory-maps it from the cache."""
+  """Tokenizes the configured corpus on first use and memory-maps it from the cache (or, with
+  `config.data.synthetic`, describes the synthetic task that generates the batches)."""
+  task = synthetic.from_config(data_cfg)
+  if task is not None:
+    empty = np.zeros(0, np.int32)
+    return Dataset(empty, empty, task.vocab_size, None, None,
+                   f"synthetic MQAR ({task.num_pairs} pairs, {task.num_queries} queries, "
+                   f"vocabulary {task.vocab_size})", task)
   tok = make_tokenizer(data_cfg)
   val_fraction = _val_fraction(data_cfg)
   source = _resolve_source(data_cfg)
@@ -229,9 +238,13 @@ def train_batch(ds: Dataset, *, seed: int, step: int, batch_size: int, seq_len: 
   i = step * batch_size + row, taken from epoch i // n at position i % n of that epoch's
   permutation (`_epoch_starts`), n = `num_train_windows`. Pure in (seed, step), so resume is
   exact; process p gets rows [p * b, (p + 1) * b) with b = batch_size // process_count.
+  A synthetic task draws the global batch from (seed, step) and returns the same rows.
   """
-  _check_fits(ds.train, "training", seq_len)
   rows = _process_rows(batch_size, process_index, process_count)
+  if ds.task is not None:
+    return ds.task.train_batch(seed=seed, step=step, batch_size=batch_size, seq_len=seq_len,
+                               rows=rows)
+  _check_fits(ds.train, "training", seq_len)
   n = num_train_windows(ds, seq_len=seq_len)
   index = int(step) * batch_size + np.arange(batch_size)[rows]
   starts = np.empty(len(index), np.int64)
@@ -247,7 +260,10 @@ def num_train_windows(ds: Dataset, *, seq_len: int) -> int:
 
 
 def epochs_covered(ds: Dataset, *, steps: int, batch_size: int, seq_len: int) -> float:
-  """How many passes over the training windows `steps` global batches make."""
+  """How many passes over the training windows `steps` global batches make (0 for a
+  synthetic task: every batch is new)."""
+  if ds.task is not None:
+    return 0.0
   return steps * batch_size / num_train_windows(ds, seq_len=seq_len)
 
 
@@ -267,8 +283,12 @@ def _epoch_starts(seed: int, epoch: int, size: int, seq_len: int) -> np.ndarray:
 def eval_batches(ds: Dataset, *, batch_size: int, seq_len: int, max_batches: int | None = None,
                  process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
   """Full batches of validation windows, int32 [batch_size // process_count, seq_len + 1]."""
-  _check_fits(ds.val, "validation", seq_len)
   rows = _process_rows(batch_size, process_index, process_count)
+  if ds.task is not None:
+    for b in range(ds.task.num_eval_batches(batch_size, max_batches)):
+      yield ds.task.eval_batch(b, batch_size=batch_size, seq_len=seq_len, rows=rows)
+    return
+  _check_fits(ds.val, "validation", seq_len)
   for b in range(num_eval_batches(ds, batch_size=batch_size, seq_len=seq_len,
                                   max_batches=max_batches)):
     starts = (b * batch_size + np.arange(batch_size)) * seq_len
@@ -277,6 +297,8 @@ def eval_batches(ds: Dataset, *, batch_size: int, seq_len: int, max_batches: int
 
 def num_eval_batches(ds: Dataset, *, batch_size: int, seq_len: int,
                      max_batches: int | None = None) -> int:
+  if ds.task is not None:
+    return ds.task.num_eval_batches(batch_size, max_batches)
   windows = max(ds.val.size - 1, 0) // seq_len
   n = windows // batch_size
   return n if max_batches is None else min(n, max_batches)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime
 import gc
 import importlib
-import json
 import math
 import os
 import sys

@@ -31,13 +31,26 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """The mean of `values`, or their `weights`-weighted mean (0 where nothing is weighted)."""
+  if weights is None:
+    return values.mean()
+  return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
 @functools.lru_cache(maxsize=16)
-def make_eval_step(apply, mesh: jax.sharding.Mesh):
-  """The jitted `(params, batch) -> (nll sum, count)`, one per (apply, mesh): evaluating every
-  `eval.every` steps traces and compiles once per Experiment (`Experiment.apply` is cached)."""
+def make_eval_step(apply, mesh: jax.sharding.Mesh, weights=None):
+  """The jitted `(params, batch) -> (nll sum, count, correct)`, one per (apply, mesh,
+  weights): evaluating every `eval.every` steps traces and compiles once per Experiment
+  (`Experiment.apply` is cached). With `weights` (`Experiment.loss_weights`) only the
+  weighted targets count; `correct` counts those the argmax predicts."""
   def eval_step(params, batch):
-    nll = token_nll(apply(params, batch[:, :-1]), batch[:, 1:])
-    return nll.sum(), nll.size
+    logits = apply(params, batch[:, :-1])
+    targets = batch[:, 1:]
+    nll = token_nll(logits, targets)
+    w = jnp.ones(nll.shape, jnp.float32) if weights is None else weights(batch)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return (nll * w).sum(), w.sum(), (correct * w).sum()
   return jax.jit(mesh_lib.with_rules(eval_step, mesh))
 
 
@@ -52,11 +65,11 @@ def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
   """Mean loss over `config.eval.max_batches` validation batches (0 = all of them); `params`
   may hold compressed leaves (decoded inside the jitted step)."""
   cfg = exp.config
-  eval_step = make_eval_step(exp.apply, exp.mesh)
-  total, count = 0.0, 0
+  eval_step = make_eval_step(exp.apply, exp.mesh, exp.loss_weights)
+  total, count, correct = 0.0, 0, 0.0
   for batch in validation_batches(exp):
-    nll_sum, n = eval_step(params, mesh_lib.put_batch(batch, exp.mesh))
-    total, count = total + float(nll_sum), count + int(n)
+    nll_sum, n, right = eval_step(params, mesh_lib.put_batch(batch, exp.mesh))
+    total, count, correct = total + float(nll_sum), count + int(n), correct + float(right)
   if count == 0:
     raise UserError(
         f"The validation split holds fewer than one batch of {cfg.eval.batch_size} sequences "
@@ -64,12 +77,19 @@ def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
         f"--config.train.seq_len, or raise --config.data.val_fraction.")
   loss = total / count
   bpt = exp.dataset.val_bytes_per_token
-  return {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
-          "bits_per_byte": loss / math.log(2) / bpt if bpt else None}
+  results = {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
+             "bits_per_byte": loss / math.log(2) / bpt if bpt else None}
+  if exp.loss_weights is not None:
+    results["accuracy"] = correct / count      # of a synthetic task's answers
+  return results
 
 
 def log_results(results: dict[str, Any]) -> None:
   bpb = results["bits_per_byte"]
+  if "accuracy" in results:
+    logging.info("validation at step %d: answer loss %.4f | answer accuracy %.4f | %d answers",
+                 results["step"], results["loss"], results["accuracy"], results["tokens"])
+    return
   logging.info("validation at step %d: loss %.4f | perplexity %.3f | bits/byte %s | %d tokens",
                results["step"], results["loss"], results["perplexity"],
                f"{bpb:.4f}" if bpb is not None else "n/a (no tokenizer)", results["tokens"])

@@ -91,6 +91,13 @@ class Experiment:
     return lambda params, tokens: apply(ctree.decompress(params), tokens)
 
   @property
+  def loss_weights(self) -> Callable[[jax.Array], jax.Array] | None:
+    """`batch -> [rows, seq_len]` weights of the targets the loss counts (a synthetic task's
+    answers), or None: every target."""
+    task = self.dataset.task if self.dataset is not None else None
+    return task.loss_weights if task is not None else None
+
+  @property
   def record(self) -> dict[str, Any]:
     return checkpoint.model_record(self.config.model, self.abstract_params)
 
@@ -129,6 +136,8 @@ def build(config: ml_collections.ConfigDict, *, load_data: bool = True) -> Exper
   if not load_data:
     return Experiment(config, mesh, None, graphdef, abstract_params, optimizer, level_tuple)
   dataset = data.load_dataset(config.data)
+  if dataset.task is not None:
+    dataset.task.check(config.train.seq_len)
   if dataset.vocab_size > config.model.vocab_size:
     raise UserError(
         f"The data's vocabulary has {dataset.vocab_size} tokens but config.model.vocab_size="

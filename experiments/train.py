@@ -30,20 +30,24 @@ from nested import levels, models
 from nested.errors import UserError
 
 
-def loss_fn(apply: Callable, labels: Any = None, frozen: frozenset[str] = frozenset()):
+def loss_fn(apply: Callable, labels: Any = None, frozen: frozenset[str] = frozenset(),
+            weights: Callable[[jax.Array], jax.Array] | None = None):
   """`(params, batch) -> mean next-token NLL`, with the `frozen` levels' weights (`labels`:
-  each parameter's level) constants of its gradient (`levels.freeze`)."""
+  each parameter's level) constants of its gradient (`levels.freeze`). With `weights`
+  (`Experiment.loss_weights`), the mean is over the targets it weights (a task's answers)."""
 
   def loss(params, batch):
     params = levels.freeze(params, labels, frozen)
-    return evaluate.token_nll(apply(params, batch[:, :-1]), batch[:, 1:]).mean()
+    nll = evaluate.token_nll(apply(params, batch[:, :-1]), batch[:, 1:])
+    return evaluate.weighted_mean(nll, None if weights is None else weights(batch))
 
   return loss
 
 
 def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, grad_accum: int,
                     on_device: compress.OnDevice | None = None, skip_nonfinite: bool = False,
-                    level_list: tuple[levels.Level, ...] = ()):
+                    level_list: tuple[levels.Level, ...] = (),
+                    loss_weights: Callable[[jax.Array], jax.Array] | None = None):
   """The train step `(state, batch, frozen=frozenset()) -> (state, metrics)`, un-jitted.
 
   Gradients are averaged over `grad_accum` micro-batches.
@@ -62,13 +66,17 @@ def make_train_step(apply: Callable, optimizer: optax.GradientTransformation, gr
 
   With `on_device` (config.compression.train) some parameters arrive exact-compressed: the
   step decodes them, and re-encodes those whose level fired.
+
+  `loss_weights` (`Experiment.loss_weights`) restricts the loss to the targets it weights;
+  micro-batches are then averaged as equals (exact when each row weights as many targets,
+  as MQAR's do).
   """
   gated = tuple(lv for lv in level_list
                 if lv.accumulate == "none" and lv.accumulate_last < lv.period)
 
   def loss_and_grads(params, batch, frozen):
     labels = levels.label_params(level_list, params) if gated else None
-    value_and_grad = jax.value_and_grad(loss_fn(apply, labels, frozen))
+    value_and_grad = jax.value_and_grad(loss_fn(apply, labels, frozen, loss_weights))
     if grad_accum == 1:
       loss, grads = value_and_grad(params, batch)
     else:
@@ -120,7 +128,7 @@ def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | Non
   return jax.jit(
       mesh_lib.with_rules(make_train_step(exp.apply, exp.optimizer, exp.config.train.grad_accum,
                                           on_device, exp.config.train.on_nonfinite == "skip",
-                                          exp.levels),
+                                          exp.levels, exp.loss_weights),
                          exp.mesh),
       in_shardings=(shardings, mesh_lib.batch_sharding(exp.mesh)),
       out_shardings=(shardings, mesh_lib.replicated(exp.mesh)), donate_argnums=0,

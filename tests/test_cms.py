@@ -12,7 +12,6 @@ from flax import nnx
 
 from nested import cms, models
 from nested.errors import UserError
-from nested.models import hope
 
 CHUNK = 8
 

@@ -125,7 +125,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(small):
 def test_train_windows_do_not_repeat_within_an_epoch_and_cover_it():
   # Token t's value is t, so a window is named by its first token; 100 windows of 8 targets.
   seq_len, batch = 8, 10
-  ds = types.SimpleNamespace(train=np.arange(seq_len * 100 + 5, dtype=np.int64))
+  ds = types.SimpleNamespace(train=np.arange(seq_len * 100 + 5, dtype=np.int64), task=None)
   n = data.num_train_windows(ds, seq_len=seq_len)
   assert n == 100 and data.epochs_covered(ds, steps=25, batch_size=batch, seq_len=seq_len) == 2.5
   def epoch(e):
@@ -146,7 +146,7 @@ def test_train_batch_straddling_an_epoch_boundary_matches_the_stream():
   # Resume exactness: a batch is the slice [step * b, (step + 1) * b) of one global stream,
   # whatever batches came before; batch 2 of size 7 over 20 windows straddles epochs 0 and 1.
   seq_len = 4
-  ds = types.SimpleNamespace(train=np.arange(seq_len * 20 + 1, dtype=np.int64))
+  ds = types.SimpleNamespace(train=np.arange(seq_len * 20 + 1, dtype=np.int64), task=None)
   stream = np.concatenate([data.train_batch(ds, seed=5, step=s, batch_size=1, seq_len=seq_len)
                            for s in range(21)])
   np.testing.assert_array_equal(

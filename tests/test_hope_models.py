@@ -14,7 +14,7 @@ from flax import nnx
 from configs import hope as hope_config, hope_attention as hope_attention_config
 from configs import titans as titans_config, transformer as transformer_config
 from conftest import micro_config
-from experiments import data, evaluate, state as state_lib, train
+from experiments import evaluate, state as state_lib, train
 from nested import models
 from nested.levels import param_path
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nested import memory, selfmod
+from nested import selfmod
 
 B, T, D, HEADS, HID, W = 2, 16, 8, 2, 5, 4
 
