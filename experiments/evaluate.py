@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from experiments import checkpoint, compress, data, mesh as mesh_lib, state as state_lib
+from experiments import checkpoint, compress, data, generate, mesh as mesh_lib, state as state_lib
+from nested import models
 from nested.errors import UserError
 
 
@@ -38,6 +39,15 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
   return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def _sums(logits: jax.Array, batch: jax.Array, weights) -> tuple[jax.Array, ...]:
+  """(weighted NLL sum, weight sum, weighted count of argmax hits) of `logits` for batch[:, 1:]."""
+  targets = batch[:, 1:]
+  nll = token_nll(logits, targets)
+  w = jnp.ones(nll.shape, jnp.float32) if weights is None else weights(batch)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return (nll * w).sum(), w.sum(), (correct * w).sum()
+
+
 @functools.lru_cache(maxsize=16)
 def make_eval_step(apply, mesh: jax.sharding.Mesh, weights=None):
   """The jitted `(params, batch) -> (nll sum, count, correct)`, one per (apply, mesh,
@@ -45,36 +55,63 @@ def make_eval_step(apply, mesh: jax.sharding.Mesh, weights=None):
   (`Experiment.apply` is cached). With `weights` (`Experiment.loss_weights`) only the
   weighted targets count; `correct` counts those the argmax predicts."""
   def eval_step(params, batch):
-    logits = apply(params, batch[:, :-1])
-    targets = batch[:, 1:]
-    nll = token_nll(logits, targets)
-    w = jnp.ones(nll.shape, jnp.float32) if weights is None else weights(batch)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return (nll * w).sum(), w.sum(), (correct * w).sum()
+    return _sums(apply(params, batch[:, :-1]), batch, weights)
   return jax.jit(mesh_lib.with_rules(eval_step, mesh))
 
 
-def validation_batches(exp: state_lib.Experiment):
+def make_streamed_eval_step(exp: state_lib.Experiment):
+  """`make_eval_step`'s sums with the model reading each sequence as a stream: segments of
+  its stream chunk (one token for Transformer++), the state carried between them
+  (`generate.decoder`) and attention caches holding `train.seq_len` tokens. Up to the
+  training length this is the model's ordinary forward; beyond it, attention becomes a
+  sliding window of the training length and the memories keep learning in context."""
+  dec = generate.decoder(exp, exp.config.train.seq_len)
+
+  def eval_step(params, batch):
+    logits = generate.stream_logits(dec, params, batch[:, :-1], batch[:, -1])
+    return _sums(logits, batch, exp.loss_weights)
+
+  return jax.jit(mesh_lib.with_rules(eval_step, exp.mesh))
+
+
+def eval_lengths(exp: state_lib.Experiment) -> tuple[int, ...]:
+  """`config.eval.lengths` as ints, each checked to be a whole number of stream chunks."""
+  spec = str(exp.config.eval.get("lengths", "") or "")
+  try:
+    lengths = tuple(int(x) for x in spec.replace(" ", "").split(",") if x)
+  except ValueError:
+    raise UserError(f"config.eval.lengths={spec!r} must be comma-separated token counts, "
+                    f"e.g. '128,256,512'.") from None
+  chunk = models.stream_chunk(models.model_config(exp.config.model))
+  for length in lengths:
+    if length < 1 or length % chunk:
+      raise UserError(f"config.eval.lengths holds {length}: each length must be a positive "
+                      f"multiple of the model's chunk_size={chunk} (the model reads the "
+                      f"sequence in chunks).")
+  return lengths
+
+
+def validation_batches(exp: state_lib.Experiment, seq_len: int | None = None):
   cfg = exp.config
-  return data.eval_batches(exp.dataset, batch_size=cfg.eval.batch_size, seq_len=cfg.train.seq_len,
+  return data.eval_batches(exp.dataset, batch_size=cfg.eval.batch_size,
+                           seq_len=seq_len or cfg.train.seq_len,
                            max_batches=cfg.eval.max_batches or None,
                            process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
-  """Mean loss over `config.eval.max_batches` validation batches (0 = all of them); `params`
-  may hold compressed leaves (decoded inside the jitted step)."""
+def _results(exp: state_lib.Experiment, params, eval_step, seq_len: int) -> dict[str, Any]:
+  """Loss, perplexity, bits/byte (and a task's answer accuracy) of `eval_step` summed over the
+  validation batches of `seq_len` tokens."""
   cfg = exp.config
-  eval_step = make_eval_step(exp.apply, exp.mesh, exp.loss_weights)
   total, count, correct = 0.0, 0, 0.0
-  for batch in validation_batches(exp):
+  for batch in validation_batches(exp, seq_len):
     nll_sum, n, right = eval_step(params, mesh_lib.put_batch(batch, exp.mesh))
     total, count, correct = total + float(nll_sum), count + int(n), correct + float(right)
   if count == 0:
     raise UserError(
         f"The validation split holds fewer than one batch of {cfg.eval.batch_size} sequences "
-        f"of {cfg.train.seq_len + 1} tokens. Lower --config.eval.batch_size or "
-        f"--config.train.seq_len, or raise --config.data.val_fraction.")
+        f"of {seq_len + 1} tokens. Lower --config.eval.batch_size, --config.train.seq_len or "
+        f"--config.eval.lengths, or raise --config.data.val_fraction.")
   loss = total / count
   bpt = exp.dataset.val_bytes_per_token
   results = {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
@@ -84,15 +121,35 @@ def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
   return results
 
 
+def evaluate(exp: state_lib.Experiment, params) -> dict[str, Any]:
+  """Mean loss over `config.eval.max_batches` validation batches (0 = all of them); `params`
+  may hold compressed leaves (decoded inside the jitted step). For each of
+  `config.eval.lengths`, the same over sequences of that length read as a stream
+  (`make_streamed_eval_step`), under keys suffixed with the length (`loss_512`, ...)."""
+  results = _results(exp, params, make_eval_step(exp.apply, exp.mesh, exp.loss_weights),
+                     exp.config.train.seq_len)
+  lengths = eval_lengths(exp)
+  streamed = make_streamed_eval_step(exp) if lengths else None
+  for length in lengths:
+    at = _results(exp, params, streamed, length)
+    results.update({f"{key}_{length}": value for key, value in at.items()})
+  return results
+
+
 def log_results(results: dict[str, Any]) -> None:
-  bpb = results["bits_per_byte"]
-  if "accuracy" in results:
-    logging.info("validation at step %d: answer loss %.4f | answer accuracy %.4f | %d answers",
-                 results["step"], results["loss"], results["accuracy"], results["tokens"])
-    return
-  logging.info("validation at step %d: loss %.4f | perplexity %.3f | bits/byte %s | %d tokens",
-               results["step"], results["loss"], results["perplexity"],
-               f"{bpb:.4f}" if bpb is not None else "n/a (no tokenizer)", results["tokens"])
+  """One line for the training length and one per `config.eval.lengths` entry."""
+  suffixes = [""] + sorted({k[len("loss_"):] for k in results if k.startswith("loss_")}, key=int)
+  for suffix in suffixes:
+    get = lambda key: results[key + (f"_{suffix}" if suffix else "")]
+    where = f"at {suffix} tokens, streamed" if suffix else f"at step {results['step']}"
+    if "accuracy" in results:
+      logging.info("validation %s: answer loss %.4f | answer accuracy %.4f | %d answers",
+                   where, get("loss"), get("accuracy"), get("tokens"))
+      continue
+    bpb = get("bits_per_byte")
+    logging.info("validation %s: loss %.4f | perplexity %.3f | bits/byte %s | %d tokens",
+                 where, get("loss"), get("perplexity"),
+                 f"{bpb:.4f}" if bpb is not None else "n/a (no tokenizer)", get("tokens"))
 
 
 def same_bits(a: jax.Array, b: jax.Array) -> bool:

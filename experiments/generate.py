@@ -139,6 +139,25 @@ def forced_logits(dec: Decoder, params, tokens: jax.Array, n_prompt: int) -> jax
   return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
 
 
+def stream_logits(dec: Decoder, params, tokens: jax.Array, after: jax.Array) -> jax.Array:
+  """Logits [S, T, V] of `tokens` [S, T] (T a multiple of `dec.chunk`) read as one stream of
+  segments of `dec.chunk` tokens from a fresh state; `after` [S] is the token that follows
+  them (HOPE's last teach signal reads each segment's successor). Equal to one pass while
+  attention caches hold the whole sequence; past them, attention is a sliding window."""
+  rows, length = tokens.shape
+  c = dec.chunk
+  segments = tokens.reshape(rows, length // c, c).swapaxes(0, 1)
+  successors = jnp.concatenate([tokens[:, c::c], after[:, None]], axis=1).T
+
+  def read(state, xs):
+    segment, lookahead = xs
+    logits, state = dec.stream(params, segment, state, lookahead)
+    return state, logits
+
+  _, logits = lax.scan(read, dec.init_state(params, rows), (segments, successors))
+  return logits.swapaxes(0, 1).reshape(rows, length, -1)
+
+
 def prompt_tokens(prompt_ids: np.ndarray, max_len: int, samples: int) -> np.ndarray:
   """The last `max_len` prompt tokens, one row per sample: [samples, n]."""
   ids = np.asarray(prompt_ids, np.int32)[-max_len:]

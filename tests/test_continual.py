@@ -1,0 +1,90 @@
+"""--mode=continual (experiments/continual.py) and the bundled plays by genre (data.plays)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import micro_config
+from experiments import continual, data, evaluate, state as state_lib, train
+from nested.errors import UserError
+
+
+def tokens(ds):
+  return ds.train.size + ds.val.size
+
+
+def test_genres_pick_their_plays_and_add_up(cache_dir):
+  config = micro_config(cache_dir)
+  load = lambda genres: data.load_dataset(_with(config, genres).data)
+  roman, romances, both = load("roman"), load("romances"), load("roman,romances")
+  assert "roman: 4 plays" in roman.description and "romances: 4 plays" in romances.description
+  # The same plays, up to the document delimiters where the splits join documents.
+  assert abs(tokens(roman) + tokens(romances) - tokens(both)) <= 8
+  assert tokens(both) < tokens(load(""))
+  assert roman.val.size > 0                 # a genre holds out plays of its own
+  with pytest.raises(UserError, match=r"'farces', not a genre of the bundled plays; choose "
+                                      r"from comedies, histories"):
+    load("farces")
+
+
+def _with(config, genres):
+  c = config.copy_and_resolve_references()
+  c.data.plays = genres
+  return c
+
+
+def continual_config(cache_dir, phases, **overrides):
+  return micro_config(cache_dir, **{"continual.phases": phases, "continual.steps": "6,6",
+                                    "continual.eval_every": 3, "train.min_lr_ratio": 1.0,
+                                    **overrides})
+
+
+def test_continual_phases_resume_into_one_run_and_report_the_forgetting(cache_dir, tmp_path):
+  config = continual_config(cache_dir, "comedies,tragedies")
+  results = continual.run(config, str(tmp_path / "cl"))
+  history = results["history"]
+  assert list(history) == ["comedies", "tragedies"] and results["switches"] == [6, 12]
+  assert [r["step"] for r in history["comedies"]] == [0, 3, 6, 9, 12]
+  loss = {p: {r["step"]: r["loss"] for r in history[p]} for p in history}
+  assert results["forgetting"] == {"comedies": loss["comedies"][12] - loss["comedies"][6]}
+  assert results["final_loss"]["tragedies"] == loss["tragedies"][12]
+  assert results["loss_after_phase"] == [loss["comedies"][6], loss["tragedies"][12]]
+  with open(tmp_path / "cl" / "continual.json") as f:
+    assert json.load(f)["forgetting"] == results["forgetting"]
+  assert os.path.getsize(tmp_path / "cl" / "continual.png") > 10_000
+
+  # Reference: phase one is ordinary training on the comedies alone.
+  alone = _with(config, "comedies")
+  alone.train.steps = 6
+  ref = train.run(alone, str(tmp_path / "alone"))
+  np.testing.assert_allclose(loss["comedies"][6], ref["loss"], rtol=1e-6)
+
+  # The switch changes the data and nothing else: comedies twice = 12 steps of comedies.
+  same = continual.run(continual_config(cache_dir, "comedies,comedies"), str(tmp_path / "cc"))
+  longer = _with(config, "comedies")
+  longer.train.update(dict(steps=12, checkpoint_every=6))
+  ref12 = train.run(longer, str(tmp_path / "alone12"))
+  np.testing.assert_allclose(same["history"]["comedies"][-1]["loss"], ref12["loss"], rtol=1e-6)
+  assert list(same["history"]) == ["comedies"] and same["forgetting"] == {}
+  assert abs(loss["comedies"][12] - ref12["loss"]) > 1e-3    # the tragedies did change it
+
+  table = continual.markdown([results])
+  assert f"| transformer | {loss['comedies'][6]:.4f} | {loss['comedies'][12]:.4f} |" in table
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"continual.steps": "6"}, r"must name two or more corpora and as many positive step"),
+    ({"continual.eval_every": 4}, r"eval_every=4 must divide every phase's steps"),
+    ({"data.path": "corpus.txt"}, r"leave config.data.path ''")])
+def test_bad_continual_settings_name_the_field(cache_dir, overrides, message):
+  with pytest.raises(UserError, match=message):
+    continual.phase_configs(continual_config(cache_dir, "comedies,tragedies", **overrides))
+
+
+def test_eval_of_a_phase_corpus_reads_its_own_validation_plays(cache_dir):
+  configs = continual.phase_configs(continual_config(cache_dir, "comedies,tragedies"))
+  a, b = (state_lib.build(c) for c in configs)
+  first = lambda exp: next(iter(evaluate.validation_batches(exp)))
+  assert not np.array_equal(first(a), first(b))
