@@ -99,7 +99,8 @@ def chain(*transforms: optax.GradientTransformation) -> LevelAwareTransform:
 
 class EveryState(NamedTuple):
   count: jax.Array        # int32 scalar: `update` calls so far
-  accumulator: Any        # gradients since the last firing (EmptyState when period == 1)
+  accumulator: Any        # gradients of the current window (after a firing: of the window that
+                          # fired, until the next step overwrites it); EmptyState when unused
   inner_state: Any        # the wrapped transform's state, untouched between firings
   period: jax.Array       # int32 scalar: lets `fired` read a state on its own
 
@@ -182,28 +183,26 @@ def every(inner: optax.GradientTransformation, period: int, *, accumulate: str =
     return EveryState(jnp.zeros([], jnp.int32), accumulator, inner.init(params), period_array())
 
   def gathered(accumulator, grads, count):
-    """The accumulator with this step's gradient in it (the gradient, without one)."""
+    """The accumulator with this step's gradient in it (the gradient, without one). The
+    first step of a window overwrites what the last window left (no reset after a firing)."""
     if not has_accumulator:
       return grads
     if accumulate == "none":
       window = takes_gradient(count - 1, period, accumulate, accumulate_last)
       grads = jax.tree.map(lambda g: jnp.where(window, g, jnp.zeros_like(g)), grads)
-    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), accumulator, grads)
+    opens = (count - 1) % period == 0
+    return jax.tree.map(lambda a, g: jnp.where(opens, g.astype(a.dtype), a + g.astype(a.dtype)),
+                        accumulator, grads)
 
   def level_gradient(summed, grads):
     return jax.tree.map(lambda a, g: (a / divisor if divisor != 1 else a).astype(g.dtype),
                         summed, grads)
 
-  def after(summed, fires, accumulator):
-    """The accumulator for the next step: reset by a select on a firing step."""
-    if not has_accumulator:
-      return accumulator
-    return jax.tree.map(lambda a: jnp.where(fires, jnp.zeros_like(a), a), summed)
-
-  # The gradient joins the accumulator outside the cond and the accumulator is reset by a
-  # select after it: a cond that returned the accumulator made XLA copy it every step. The
-  # branches take what they touch as operands (not closures): a skipped step passes params
-  # and the inner state through unchanged, which XLA aliases instead of copying.
+  # The gradient joins the accumulator outside the cond, in one pass that reads it and the
+  # gradient and writes it in place (a cond that returned the accumulator made XLA copy it
+  # every step; a reset after a firing was a second pass over it). The branches take what
+  # they touch as operands (not closures): a skipped step passes params and the inner state
+  # through unchanged, which XLA aliases instead of copying.
 
   def update_fn(updates, state, params=None, **extra_args):
     count = state.count + 1
@@ -223,8 +222,8 @@ def every(inner: optax.GradientTransformation, period: int, *, accumulate: str =
       return jax.tree.map(jnp.zeros_like, grads), inner_state
 
     updates_out, inner_state = jax.lax.cond(fires, fire, skip, state.inner_state, summed, updates)
-    return updates_out, EveryState(count, after(summed, fires, state.accumulator), inner_state,
-                                   period_array())
+    return updates_out, EveryState(count, summed if has_accumulator else state.accumulator,
+                                   inner_state, period_array())
 
   def apply_fn(grads, state, params, **extra_args):
     count = state.count + 1
@@ -246,8 +245,8 @@ def every(inner: optax.GradientTransformation, period: int, *, accumulate: str =
 
     params, inner_state = jax.lax.cond(fires, fire, skip, params, state.inner_state, summed,
                                        grads)
-    return params, EveryState(count, after(summed, fires, state.accumulator), inner_state,
-                              period_array())
+    return params, EveryState(count, summed if has_accumulator else state.accumulator,
+                              inner_state, period_array())
 
   return LevelAwareTransform(init_fn, update_fn, apply_fn)
 
