@@ -11,7 +11,7 @@ experiments/continual.py), for `get_config(variant)`:
   done
   python -m experiments.continual runs/cl
 
-150 steps on each corpus at the tiny presets' batch (16 x 128 bytes), a constant learning
+100 steps on each corpus at the tiny presets' batch (16 x 128 bytes), a constant learning
 rate after warmup (the switch changes the data only), both corpora evaluated every 25 steps
 on 8 validation batches of their held-out plays.
 """
@@ -36,6 +36,6 @@ def get_config(variant: str = "hope") -> ml_collections.ConfigDict:
     c.levels.cms_slow.period = slow
   c.train.update(dict(min_lr_ratio=1.0, warmup_steps=20, log_every=25))
   c.eval.update(dict(max_batches=8))
-  c.continual.update(dict(phases="comedies,tragedies", steps="150,150", eval_every=25,
+  c.continual.update(dict(phases="comedies,tragedies", steps="100,100", eval_every=25,
                           label=variant))
   return c

@@ -126,6 +126,11 @@ def plot(runs: list[dict[str, Any]], path: str) -> None:
               color=f"C{i}", label=f"{phase} (validation)")
     for s in r["switches"][:-1]:
       ax.axvline(s, color="grey", ls=":", lw=1)
+    # The untrained model's loss (step 0) would flatten everything after it: zoom past it.
+    later = [x["loss"] for records in r["history"].values() for x in records if x["step"]]
+    if later:
+      spread = max(later) - min(later)
+      ax.set_ylim(min(later) - 0.1 * spread, max(later) + 0.3 * spread)
     ax.set(title=r["label"], xlabel="step")
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("loss (nats / byte)")

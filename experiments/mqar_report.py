@@ -5,7 +5,9 @@
 Reads every finished run under `<root>/<model>/<point>/` (its config.json and eval.json) and
 reports answer accuracy against the number of key-value pairs at the training length, and
 against the evaluation length (`config.eval.lengths`: the model reads longer sequences as a
-stream, attention over a window of the training length). Chance is 1 / (number of values).
+stream, attention over a window of the training length). Two baselines: chance, 1 / (number of
+values), and no recall, 1 / (number of pairs): a model that knows which values the sequence
+holds but binds none to its key.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def chance(runs) -> float:
   return synthetic.chance_accuracy(synthetic.MQAR(runs[0]["vocab_size"], 1))
 
 
+def no_recall(num_pairs: int) -> float:
+  return synthetic.no_recall_accuracy(synthetic.MQAR(2 * num_pairs + 2, num_pairs))
+
+
 def markdown(runs) -> str:
   lengths = sorted({n for r in runs for n in r["accuracy"]})
   train_len = runs[0]["seq_len"]
@@ -63,12 +69,12 @@ def markdown(runs) -> str:
           for n in lengths]
   lines = [f"MQAR answer accuracy (vocabulary {runs[0]['vocab_size']}, chance "
            f"{chance(runs):.4f}), by the length each sequence is evaluated at:", "",
-           "| model | pairs | " + " | ".join(head) + " |",
-           "|---|---:|" + "---:|" * len(lengths)]
+           "| model | pairs | no recall | " + " | ".join(head) + " |",
+           "|---|---:|---:|" + "---:|" * len(lengths)]
   for r in runs:
     cells = [f"{r['accuracy'][n]:.3f}" if n in r["accuracy"] else "" for n in lengths]
     lines.append(f"| {LABELS.get(r['model'], r['model'])} | {r['num_pairs']} | "
-                 + " | ".join(cells) + " |")
+                 f"{no_recall(r['num_pairs']):.3f} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -91,6 +97,9 @@ def plot(runs, path: str) -> None:
       for r in (r for r in mine if r["num_pairs"] == n):
         lengths = sorted(r["accuracy"])
         ax.plot(lengths, [r["accuracy"][k] for k in lengths], "o-", color=colour)
+  axes[0].plot(pairs, [no_recall(n) for n in pairs], "k:", lw=1, label="no recall (1 / pairs)")
+  for ax, n in zip(axes[1:], pairs):
+    ax.axhline(no_recall(n), color="black", ls=":", lw=1)
   axes[0].set(xscale="log", xlabel="key-value pairs", ylabel="answer accuracy",
               title=f"at the training length ({train_len})")
   axes[0].set_xticks(pairs, [str(n) for n in pairs])
@@ -106,8 +115,7 @@ def plot(runs, path: str) -> None:
     ax.axhline(chance(runs), color="black", ls="--", lw=0.8)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-  axes[-1].text(axes[-1].get_xlim()[1], chance(runs), " chance", va="bottom", ha="right",
-                fontsize=7)
+  axes[0].text(axes[0].get_xlim()[0], chance(runs), " chance", va="bottom", ha="left", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -8,13 +8,16 @@ its value:
                           <------- query section ------->
 
 Keys are distinct draws from [1, V/2), values from [V/2, V) (V = `vocab_size`); 0 fills the
-query section. Query i of the `round(query_fraction · N)` queried keys sits at offset 2·g_i of
-the query section, the gaps g_i distinct draws from p(g) ∝ (g + 1)^(power_a - 1), Zoology's
-power law (small gaps more likely: power_a = 1 is uniform). Loss and accuracy count only the
-answers: the targets that follow a query key. This is Zoology's `multiquery_ar` with
-`random_non_queries=False`, written as one token stream so that any language model trains on
-it unchanged: the answer comes after its key as the next token, and since every key appears
-in at most one query, a revealed answer never helps a later one.
+query section. Each of the `round(query_fraction · N)` queries asks a key drawn uniformly
+from the N, with replacement, and sits at offset 2·g_i of the query section, the gaps g_i
+distinct draws from p(g) ∝ (g + 1)^(power_a - 1), Zoology's power law (small gaps more likely:
+power_a = 1 is uniform). Loss and accuracy count only the answers: the targets that follow a
+query key. This is Zoology's `multiquery_ar` (`random_non_queries=False`) written as one token
+stream, so that any language model trains on it unchanged: the answer comes after its key as
+the next token. That reveals each answer to the later queries, so Zoology's distinct queried
+keys would let a model that recalls nothing score H_N / N (0.52 at N = 4: guess among the
+values not yet revealed); with keys asked independently, such a model scores 1 / N, and a
+key asked twice is recalled from the context either way.
 
 Batches are pure functions of (seed, step), like the corpus's; evaluation uses
 `eval_examples` sequences drawn from a seed-independent stream, the same for every run.
@@ -85,7 +88,7 @@ class MQAR:
       keys = rng.choice(np.arange(1, half), size=self.num_pairs, replace=False)
       values = rng.choice(np.arange(half, self.vocab_size), size=self.num_pairs, replace=False)
       out[r, 0:self.context_size:2], out[r, 1:self.context_size:2] = keys, values
-      asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
+      asked = rng.integers(0, self.num_pairs, size=self.num_queries)
       gaps = rng.choice(space, size=self.num_queries, replace=False, p=p)
       at = self.context_size + 2 * gaps
       out[r, at], out[r, at + 1] = keys[asked], values[asked]
@@ -132,3 +135,8 @@ def from_config(data_cfg) -> MQAR | None:
 def chance_accuracy(task: MQAR) -> float:
   """What guessing a value uniformly scores: 1 / (number of value tokens)."""
   return 1.0 / (task.vocab_size - task.vocab_size // 2)
+
+
+def no_recall_accuracy(task: MQAR) -> float:
+  """What a model that knows the sequence's values but binds none to its key scores."""
+  return 1.0 / task.num_pairs
