@@ -73,6 +73,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                              # to <workdir>/checkpoints_set_aside/), e.g. past a damaged one
       on_nonfinite="stop",   # a NaN/inf loss or gradient norm: "stop" the run (exit non-zero,
                              # nothing bad saved) or "skip" that step's update
+      memory_budget_gb=0.0,  # per-device bytes the compiled step may plan, checked before the
+                             # first step (0 = the device's allocator limit; none on CPU)
       profile_steps="",      # "first,last": a jax.profiler trace of the log's steps first+1..last
                              # in <workdir>/profile/ (e.g. "10,15"); '' = none
   ))

@@ -56,6 +56,8 @@ def hope_config(preset: str, *, name: str, mixer_fields: dict) -> ml_collections
       cms_second_order=False, memory_writes=True, remat="chunk", tie_embeddings=False,
       dtype=c.model.dtype,
       **dims, **fields))
+  if preset == "small":   # 52.4 GB (HOPE) / 53.5 GB (HOPE-Attention) of one device, by XLA
+    c.train.grad_accum = 8
   # The slowest CMS level (period > context): a training-time level, period in tokens.
   c.levels = ml_collections.ConfigDict()
   c.levels.cms_slow = base.level(r"/cms/2/", period=slow_period, optimizer=base.adamw())

@@ -59,8 +59,9 @@ def preset_config(name: str):
     target = config
     for part in section.split("."):
       target = target[part]
-    if field in target:
-      target[field] = value
+    if field not in target:
+      raise app.UsageError(f"--set={item}: configs/{name}.py has no field {key}")
+    target[field] = value
   return config
 
 

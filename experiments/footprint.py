@@ -12,7 +12,10 @@ import dataclasses
 import math
 import time
 
+import jax
 import ml_collections
+
+from nested.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +60,39 @@ def fitting_grad_accum(footprint: Footprint, config: ml_collections.ConfigDict,
     if batch % candidate == 0 and fixed + footprint.temporaries * accum / candidate <= budget:
       return candidate
   return None
+
+
+def device_budget(config: ml_collections.ConfigDict) -> tuple[int | None, str]:
+  """(bytes per device a train step may plan, where that number comes from).
+
+  `config.train.memory_budget_gb` when set, else the allocator's limit of this process's
+  first device (`memory_stats()["bytes_limit"]`: what XLA may allocate on a GPU or TPU);
+  None where no limit is known (a CPU)."""
+  gb_set = config.train.get("memory_budget_gb", 0.0)
+  if gb_set:
+    return int(gb_set * 2**30), "config.train.memory_budget_gb"
+  device = jax.local_devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  return (int(limit), f"the memory limit of {device.device_kind}") if limit else (None, "")
+
+
+def check_fits(footprint: Footprint, config: ml_collections.ConfigDict) -> None:
+  """Raises a UserError, before anything is allocated, if the compiled step would not fit
+  the device (`device_budget`); the message names the bytes, the budget and the fix."""
+  budget, source = device_budget(config)
+  if budget is None or footprint.total <= budget:
+    return
+  accum = fitting_grad_accum(footprint, config, budget)
+  t = config.train
+  if accum:
+    fix = (f"Set --config.train.grad_accum={accum} (micro-batches of "
+           f"{t.batch_size // accum} sequences; estimated from the temporaries, which scale "
+           f"with the micro-batch)")
+  else:
+    fix = ("Even one sequence per micro-batch would not fit: shard the parameters over more "
+           "devices (--config.mesh.fsdp=N), shorten train.seq_len or choose a smaller preset")
+  raise UserError(
+      f"The train step needs {gb(footprint.total)} per device (arguments "
+      f"{gb(footprint.arguments)}, temporaries {gb(footprint.temporaries)} at batch "
+      f"{t.batch_size} x {t.seq_len}, grad_accum={t.grad_accum}), over the budget of "
+      f"{gb(budget)} ({source}). {fix}, or lower train.batch_size.")

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from compression import tree as ctree
-from experiments import checkpoint, compress, data, evaluate, metrics as metrics_lib
+from experiments import checkpoint, compress, data, evaluate, footprint, metrics as metrics_lib
 from experiments import mesh as mesh_lib, profiling, timing
 from experiments import state as state_lib
 from experiments.state import TrainState
@@ -135,6 +135,28 @@ def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | Non
       static_argnums=2)
 
 
+class CompiledVariants:
+  """`step(state, batch, frozen)` run by executables compiled ahead of time, one per `frozen`
+  set on its first use. Each is checked against the device's memory before it runs
+  (`footprint.check_fits`: a step that cannot fit fails before anything is allocated, naming
+  the bytes, the budget and a grad_accum that would fit), and its compile time and bytes per
+  device are logged."""
+
+  def __init__(self, jitted, config: ml_collections.ConfigDict):
+    self._jitted, self._config, self._compiled = jitted, config, {}
+
+  def __call__(self, state: TrainState, batch: jax.Array, frozen: frozenset[str]):
+    if frozen not in self._compiled:
+      compiled, f = footprint.compile_step(self._jitted, state, batch, frozen)
+      footprint.check_fits(f, self._config)
+      logging.info("Compiled the train step%s in %.1f s: %s per device (arguments %s, "
+                   "temporaries %s).", f" with {sorted(frozen)} frozen" if frozen else "",
+                   f.compile_seconds, footprint.gb(f.total), footprint.gb(f.arguments),
+                   footprint.gb(f.temporaries))
+      self._compiled[frozen] = compiled
+    return self._compiled[frozen](state, batch)
+
+
 def host_batch(exp: state_lib.Experiment, step: int):
   """This process's rows of the global batch for `step`: a pure function of (seed, step)."""
   return data.train_batch(exp.dataset, seed=exp.config.seed, step=step,
@@ -242,7 +264,7 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   on_device = compress.on_device(exp.config, exp.abstract_params)
   if on_device is not None:
     state = compress_state(exp, on_device, state)
-  train_step = jit_train_step(exp, on_device)
+  train_step = CompiledVariants(jit_train_step(exp, on_device), exp.config)
   guard = checkpoint.NonFiniteGuard(cfg.on_nonfinite, mngr, workdir)
   ckpt_record = {**exp.record, "resumed_from": cfg.resume_step}
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -9,7 +10,8 @@ import optax
 import pytest
 
 from conftest import forget_checkpoints_after, micro_config
-from experiments import checkpoint, evaluate, flops, state as state_lib, train
+from experiments import checkpoint, evaluate, flops, footprint, mesh as mesh_lib
+from experiments import state as state_lib, train
 from nested import levels
 from nested.errors import UserError
 
@@ -342,3 +344,30 @@ def test_skipped_nonfinite_steps_keep_the_level_counts_on_the_step_numbers(cache
       state.opt_state, is_leaf=lambda x: isinstance(x, levels.EveryState))
       if isinstance(s, levels.EveryState)]
   assert counts == [4, 4]      # as many as the steps taken: plan_step stays in step
+
+
+def test_a_step_over_the_memory_budget_fails_before_training_and_names_a_grad_accum_that_fits(
+    cache_dir, tmp_path):
+  config = micro_config(cache_dir)
+  exp = state_lib.build(config)
+  batch = mesh_lib.put_batch(train.host_batch(exp, 0), exp.mesh)
+  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.init_state(exp), batch,
+                                frozenset())
+  budget = f.total - f.temporaries // 3      # the fixed bytes fit, the activations do not
+  config.train.memory_budget_gb = budget / 2**30
+  workdir = str(tmp_path)
+  with pytest.raises(UserError, match=r"needs .* per device .* over the budget of .* "
+                                      r"\(config.train.memory_budget_gb\)\. Set "
+                                      r"--config.train.grad_accum=(\d+)") as error:
+    train.train(state_lib.build(config), workdir)
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  assert not os.path.exists(metrics_file) or not open(metrics_file).read()
+  assert not checkpoint.manager(workdir).all_steps()
+  # The grad_accum it names does fit, compiled for real.
+  accum = int(re.search(r"grad_accum=(\d+) \(", str(error.value)).group(1))
+  assert accum > 1
+  config.train.grad_accum = accum
+  exp = state_lib.build(config)
+  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.init_state(exp), batch,
+                                frozenset())
+  assert f.total <= budget
