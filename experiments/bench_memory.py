@@ -32,10 +32,9 @@ import datetime  # noqa: E402
 import importlib  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import footprint, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+from experiments import footprint, state as state_lib, train  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "Preset of every config file.")
 flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
@@ -66,10 +65,7 @@ def preset_config(name: str):
 
 
 def measure(config) -> footprint.Footprint:
-  exp = state_lib.build(config, load_data=False)
-  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
-                               sharding=mesh_lib.batch_sharding(exp.mesh))
-  return footprint.compile_step(train.jit_train_step(exp), state_lib.abstract_state(exp), batch)[1]
+  return train.step_footprint(state_lib.build(config, load_data=False))
 
 
 def fits(f: footprint.Footprint, config, budget: float) -> str:

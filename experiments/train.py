@@ -135,6 +135,16 @@ def jit_train_step(exp: state_lib.Experiment, on_device: compress.OnDevice | Non
       static_argnums=2)
 
 
+def step_footprint(exp: state_lib.Experiment,
+                   frozen: frozenset[str] = frozenset()) -> footprint.Footprint:
+  """Bytes per device of `exp`'s train step at its global batch, compiled from shapes alone
+  (nothing allocated: a GPU-sized step can be measured on a CPU)."""
+  batch = jax.ShapeDtypeStruct((exp.config.train.batch_size, exp.config.train.seq_len + 1),
+                               jnp.int32, sharding=mesh_lib.batch_sharding(exp.mesh))
+  return footprint.compile_step(jit_train_step(exp), state_lib.abstract_state(exp), batch,
+                                frozen)[1]
+
+
 class CompiledVariants:
   """`step(state, batch, frozen)` run by executables compiled ahead of time, one per `frozen`
   set on its first use. Each is checked against the device's memory before it runs

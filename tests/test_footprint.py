@@ -1,20 +1,17 @@
 """The memory footprint of a compiled train step (experiments/footprint.py)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from conftest import micro_config
-from experiments import footprint, mesh as mesh_lib, state as state_lib, train
+from experiments import footprint, state as state_lib, train
 
 
 def test_footprint_of_the_micro_step_holds_the_state_it_is_given(cache_dir):
   config = micro_config(cache_dir)
   exp = state_lib.build(config, load_data=False)
   assert exp.dataset is None
-  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
-                               sharding=mesh_lib.batch_sharding(exp.mesh))
-  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.abstract_state(exp), batch)
+  f = train.step_footprint(exp)
   param_bytes = sum(np.prod(x.shape) * x.dtype.itemsize
                     for x in jax.tree.leaves(exp.abstract_params))
   # The arguments are the train state (parameters and AdamW's two moments) and the batch.

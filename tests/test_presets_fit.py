@@ -9,11 +9,9 @@ with NESTED_SLOW_TESTS=1; `python experiments/bench_memory.py --preset=small` me
 import importlib
 import os
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-from experiments import footprint, mesh as mesh_lib, state as state_lib, train
+from experiments import footprint, state as state_lib, train
 
 BUDGET = 70 * 2**30   # an 80 GB device less headroom for the runtime and fragmentation
 SLOW = os.environ.get("NESTED_SLOW_TESTS") == "1"
@@ -27,11 +25,7 @@ SLOW = os.environ.get("NESTED_SLOW_TESTS") == "1"
 def test_small_preset_fits_one_80gb_device_at_its_batch(model, tmp_path):
   config = importlib.import_module(f"configs.{model}").get_config("small")
   config.data.cache_dir = str(tmp_path)
-  exp = state_lib.build(config, load_data=False)
-  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
-                               sharding=mesh_lib.batch_sharding(exp.mesh))
-  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.abstract_state(exp), batch,
-                                frozenset())
+  f = train.step_footprint(state_lib.build(config, load_data=False))
   assert config.train.batch_size == 64 and config.train.seq_len == 1024
   assert f.total <= BUDGET, (f"{model} small needs {footprint.gb(f.total)} at grad_accum="
                              f"{config.train.grad_accum}; "

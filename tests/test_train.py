@@ -10,8 +10,7 @@ import optax
 import pytest
 
 from conftest import forget_checkpoints_after, micro_config
-from experiments import checkpoint, evaluate, flops, footprint, mesh as mesh_lib
-from experiments import state as state_lib, train
+from experiments import checkpoint, evaluate, flops, state as state_lib, train
 from nested import levels
 from nested.errors import UserError
 
@@ -349,10 +348,7 @@ def test_skipped_nonfinite_steps_keep_the_level_counts_on_the_step_numbers(cache
 def test_a_step_over_the_memory_budget_fails_before_training_and_names_a_grad_accum_that_fits(
     cache_dir, tmp_path):
   config = micro_config(cache_dir)
-  exp = state_lib.build(config)
-  batch = mesh_lib.put_batch(train.host_batch(exp, 0), exp.mesh)
-  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.init_state(exp), batch,
-                                frozenset())
+  f = train.step_footprint(state_lib.build(config))
   budget = f.total - f.temporaries // 3      # the fixed bytes fit, the activations do not
   config.train.memory_budget_gb = budget / 2**30
   workdir = str(tmp_path)
@@ -367,7 +363,4 @@ def test_a_step_over_the_memory_budget_fails_before_training_and_names_a_grad_ac
   accum = int(re.search(r"grad_accum=(\d+) \(", str(error.value)).group(1))
   assert accum > 1
   config.train.grad_accum = accum
-  exp = state_lib.build(config)
-  _, f = footprint.compile_step(train.jit_train_step(exp), state_lib.init_state(exp), batch,
-                                frozenset())
-  assert f.total <= budget
+  assert train.step_footprint(state_lib.build(config)).total <= budget
