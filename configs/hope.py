@@ -58,6 +58,14 @@ def hope_config(preset: str, *, name: str, mixer_fields: dict) -> ml_collections
       **dims, **fields))
   if preset == "small":   # 52.4 GB (HOPE) / 53.5 GB (HOPE-Attention) of one device, by XLA
     c.train.grad_accum = 8
+  if preset in transformer.PAPER_PRESETS:
+    # Keeps the chunk carries only every few chunks (30% fewer temporaries at small). Per
+    # device of 8, by XLA: HOPE-Attention 56.3 GB at 760m (grad_accum 16, as Transformer++);
+    # at 1.3B 70.8 GB with heads over pairs at 32, so heads over 4 devices and 64: 62.0 GB.
+    c.model.remat = "nested"
+  if preset == "1p3b":
+    c.mesh.tensor = 4
+    c.train.grad_accum = 64
   # The slowest CMS level (period > context): a training-time level, period in tokens.
   c.levels = ml_collections.ConfigDict()
   c.levels.cms_slow = base.level(r"/cms/2/", period=slow_period, optimizer=base.adamw())

@@ -4,6 +4,8 @@ mini  the CPU mini protocol (README): Transformer++, Titans, HOPE, HOPE-Attentio
       and training tokens on the bundled corpus, seeds 0-2, compared with the 760M rows.
 760m  the full-scale rows, from runs of configs/<model>.py:760m in runs/<model>_760m.
 1p3b  likewise for 1.3B.
+ablation  the arXiv version's ablation table (Table 6) beside the points of
+      configs/sweeps/hope_ablation.py, read from the sweep's workdir (`--workdir=runs/ablation`).
 """
 
 import ml_collections
@@ -16,7 +18,9 @@ SEEDS = (0, 1, 2)
 def get_config(name: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.evaluate = True  # run the zero-shot tasks on runs that have not been evaluated yet
-  if name == "mini":
+  if name == "ablation":
+    c.sweep = "configs/sweeps/hope_ablation.py"
+  elif name == "mini":
     c.size = "760M"
     c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini/{model}_seed{seed}")
               for label, model in MODELS for seed in SEEDS]
@@ -25,5 +29,5 @@ def get_config(name: str = "mini") -> ml_collections.ConfigDict:
     c.runs = [(label, f"configs/{model}.py:{name}", f"runs/{model}_{name}")
               for label, model in MODELS]
   else:
-    raise ValueError(f"Unknown tables config {name!r}; choose mini, 760m or 1p3b.")
+    raise ValueError(f"Unknown tables config {name!r}; choose mini, 760m, 1p3b or ablation.")
   return c

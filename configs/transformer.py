@@ -5,6 +5,9 @@ small  ~125M parameters, one GPU, byte tokenizer on the bundled corpus or your o
 760m   the paper's recipe (Titans / Gated DeltaNet): context 4096, 32K SentencePiece vocab,
 1p3b   AdamW 4e-4 cosine, weight decay 0.1, 0.5M-token batches. Set --config.data.path and
        --config.data.spm_model (e.g. the Llama-2 tokenizer) to your FineWeb-Edu shards.
+       Sized for 8 × 80 GB devices: the mesh and train.grad_accum are set so that each
+       device's step fits (BENCHMARKS.md); on other hardware the train loop's fit check
+       names the grad_accum that fits.
 """
 
 import ml_collections
@@ -21,12 +24,16 @@ PRESETS = {
                    checkpoint_every=1000, grad_accum=4)),   # 43.8 GB of one device (XLA)
     "760m": (dict(vocab_size=32_000, d_model=1536, n_layers=24, n_heads=16, d_ff=4096),
              dict(steps=57_220, seq_len=4096, batch_size=128, lr=4e-4, warmup_steps=2000,
-                  checkpoint_every=1000)),
+                  checkpoint_every=1000, grad_accum=16)),   # 66.5 GB per device of 8 (XLA)
     "1p3b": (dict(vocab_size=32_000, d_model=2048, n_layers=24, n_heads=16, d_ff=5504),
              dict(steps=190_735, seq_len=4096, batch_size=128, lr=4e-4, warmup_steps=2000,
-                  checkpoint_every=1000)),
+                  checkpoint_every=1000, grad_accum=32)),   # 41.2 GB per device of 8 (XLA)
 }
 PAPER_PRESETS = ("760m", "1p3b")
+# Meshes the paper presets are sized for, 8 × 80 GB devices: parameters and optimizer state
+# sharded over all of them (ZeRO-3); 1.3B also splits heads and MLP units over pairs, since
+# one 4096-token sequence per device does not fit (75.1 GB at grad_accum 16 without it).
+PAPER_MESH = {"760m": dict(data=1, fsdp=-1, tensor=1), "1p3b": dict(data=1, fsdp=-1, tensor=2)}
 # Variants of `tiny` that exercise the nested learner.
 VARIANTS = ("slow_mlp", "slow_mlp_frozen")
 
@@ -46,6 +53,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.data.tokenizer = "sentencepiece"
     c.eval.max_batches = 200
+    c.mesh.update(PAPER_MESH[preset])
   elif preset == "small":
     c.model.dtype = "bfloat16"
   return c

@@ -1,7 +1,7 @@
 """Device memory and compile time of each preset's train step, from XLA, without running it.
 
   python experiments/bench_memory.py --preset=small                      # one device
-  python experiments/bench_memory.py --preset=760m --devices=8 --fsdp=8  # 8 devices, FSDP
+  python experiments/bench_memory.py --preset=760m --devices=8   # 8 devices, the preset's mesh
   python experiments/bench_memory.py --preset=small --models=hope --set=model.remat=nested
 
 For each model the real train step (`experiments.train.jit_train_step`) is lowered at the
@@ -39,7 +39,8 @@ from experiments import footprint, state as state_lib, train  # noqa: E402
 flags.DEFINE_string("preset", "small", "Preset of every config file.")
 flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
 flags.DEFINE_integer("devices", 1, "CPU devices standing in for accelerators.")
-flags.DEFINE_integer("fsdp", 1, "config.mesh.fsdp (the rest of the devices go to data).")
+flags.DEFINE_integer("fsdp", 0, "config.mesh.fsdp (the rest of the devices go to data); "
+                     "0 keeps the preset's mesh.")
 flags.DEFINE_float("budget_gb", 70.0, "Per-device budget the table compares against.")
 flags.DEFINE_multi_string("set", [], "Config overrides, e.g. --set=model.remat=nested.")
 FLAGS = flags.FLAGS
@@ -47,7 +48,8 @@ FLAGS = flags.FLAGS
 
 def preset_config(name: str):
   config = importlib.import_module(f"configs.{name}").get_config(FLAGS.preset)
-  config.mesh.fsdp, config.mesh.data = FLAGS.fsdp, -1
+  if FLAGS.fsdp:
+    config.mesh.fsdp, config.mesh.data = FLAGS.fsdp, -1
   for item in FLAGS.set:
     key, value = item.split("=", 1)
     try:
@@ -78,16 +80,17 @@ def fits(f: footprint.Footprint, config, budget: float) -> str:
 def main(argv):
   del argv
   print(f"{datetime.date.today()}, jax {jax.__version__}, {jax.device_count()} × "
-        f"{jax.devices()[0].device_kind} devices, mesh fsdp={FLAGS.fsdp}; overrides {FLAGS.set}")
-  print("| model | preset | batch × context | grad_accum | arguments | temporaries | total "
-        f"| fits {FLAGS.budget_gb:.0f} GB | compile |")
-  print("|---|---|---|---:|---:|---:|---:|---|---:|")
+        f"{jax.devices()[0].device_kind} devices; overrides {FLAGS.set}")
+  print("| model | preset | mesh | batch × context | grad_accum | arguments | temporaries "
+        f"| total | fits {FLAGS.budget_gb:.0f} GB | compile |")
+  print("|---|---|---|---|---:|---:|---:|---:|---|---:|")
   budget = FLAGS.budget_gb * 2**30
   for name in FLAGS.models:
     config = preset_config(name)
     f = measure(config)
     t = config.train
-    print(f"| {config.model.name} | {FLAGS.preset} | {t.batch_size} × {t.seq_len} | "
+    mesh = ", ".join(f"{k}={v}" for k, v in config.mesh.items() if v != 1)
+    print(f"| {config.model.name} | {FLAGS.preset} | {mesh} | {t.batch_size} × {t.seq_len} | "
           f"{t.grad_accum} | {footprint.gb(f.arguments)} | {footprint.gb(f.temporaries)} | "
           f"{footprint.gb(f.total)} | {fits(f, config, budget)} | "
           f"{f.compile_seconds:.0f} s |", flush=True)

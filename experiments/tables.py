@@ -1,6 +1,7 @@
-"""`--mode=tables`: the paper's Table 1, our rows beside the paper's.
+"""`--mode=tables`: the paper's Table 1 (or its ablation table), our rows beside the paper's.
 
     python main.py --mode=tables --config=configs/tables.py:mini --workdir=runs/tables
+    python main.py --mode=tables --config=configs/tables.py:ablation --workdir=runs/ablation
 
 `--config` is a tables config (configs/tables.py): the paper size to compare with and a list
 of runs `(label, config spec, workdir)`. For each run the table reads `eval.json` (validation
@@ -9,6 +10,10 @@ no `zeroshot.json` is evaluated first (`--mode=zeroshot` with its own config). M
 are shown as "—" with a footnote saying why, never guessed. Runs that share a label (seeds)
 are combined into one row, "mean ± sample standard deviation". The table goes to
 `<workdir>/table1.md`.
+
+The ablation config names a sweep instead (configs/sweeps/hope_ablation.py, run with
+`--mode=sweep` into the same workdir): every finished point's validation perplexity, seeds
+combined per label, beside the arXiv version's Table 6 → `<workdir>/ablation.md`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ PAPER_NEURIPS = {
 # SPEC §4: the arXiv version (2512.24695) reports only these columns of the 1.3B rows.
 PAPER_ARXIV_1P3B = {"Transformer++": {"Wiki ppl↓": 17.92, "LMB ppl↓": 17.73, "Avg": 53.38},
                     "HOPE": {"Wiki ppl↓": 14.39, "LMB ppl↓": 10.08, "Avg": 58.04}}
+
+
+# The arXiv version's ablation of HOPE (Table 6), perplexity, keyed by the row labels of
+# configs/sweeps/hope_ablation.py.
+PAPER_ABLATION = {"HOPE (full)": 12.24, "w/o DGD": 13.41, "w/o momentum": 13.58,
+                  "w/o weight decay": 13.71, "w/o CMS": 13.04,
+                  "w/o inner projection of k": 13.77, "w/o inner projection of v": 13.90,
+                  "w/o inner projection of q": 12.19}
 
 
 def read_json(path: str) -> dict[str, Any] | None:
@@ -124,6 +137,42 @@ def markdown(size: str, ours: dict[str, list[dict[str, float | None]]], notes: l
   return "\n".join(lines) + "\n"
 
 
+def ablation_markdown(ours: dict[str, list[float]]) -> str:
+  """The paper's ablation column beside ours (validation perplexity, mean ± std over seeds)."""
+  lines = ["HOPE ablation: the paper's perplexity (arXiv 2512.24695 Table 6, 760M-scale) beside "
+           "our validation perplexity (HOPE `tiny`, mini protocol).", "",
+           "| variant | paper ppl↓ | ours val ppl↓ | seeds | per seed |", "|---|---:|---:|---:|---|"]
+  gaps = []
+  for label in dict.fromkeys([*PAPER_ABLATION, *ours]):
+    values = ours.get(label, [])
+    paper = fmt(PAPER_ABLATION.get(label))
+    if not values:
+      gaps.append(label)
+    mean = combine([{"ppl": v} for v in values])["ppl"] if values else "—"
+    lines.append(f"| {label} | {paper} | {mean} | {len(values)} | "
+                 + ", ".join(f"{v:.2f}" for v in values) + " |")
+  if gaps:
+    lines += ["", "No runs of: " + "; ".join(gaps) + " (a row the sweep does not define has no "
+              "switch in our model; one it defines has not finished)."]
+  return "\n".join(lines) + "\n"
+
+
+def run_ablation(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Reads each point of the ablation sweep (its workdir under `workdir`) into the table."""
+  spec = sweep.load_config(config.sweep)
+  ours: dict[str, list[float]] = {}
+  for point in sweep.expand(spec):
+    point_dir = os.path.join(workdir, point.name)
+    values = ours.setdefault(point.axes[sweep.LABEL], [])
+    if sweep.is_finished(point_dir, sweep.point_config(spec, point)):
+      values.append(read_json(os.path.join(point_dir, "eval.json"))["perplexity"])
+  table = ablation_markdown(ours)
+  with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    f.write(table)
+  logging.info("Ablation table written to %s:\n%s", os.path.join(workdir, "ablation.md"), table)
+  return table
+
+
 def evaluate_if_needed(spec: str, workdir: str) -> None:
   """Runs the zero-shot tasks on a run that has a checkpoint but no zeroshot.json yet."""
   if os.path.exists(os.path.join(workdir, "zeroshot.json")):
@@ -136,6 +185,8 @@ def evaluate_if_needed(spec: str, workdir: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  if "sweep" in config:
+    return run_ablation(config, workdir)
   if "runs" not in config or "size" not in config:
     raise UserError("--mode=tables takes a tables config (configs/tables.py:<name>) with `size` "
                     "and `runs`, e.g. --config=configs/tables.py:mini.")

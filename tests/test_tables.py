@@ -64,3 +64,27 @@ def test_a_bad_tables_config_is_a_user_error(tmp_path):
     tables.run(ml_collections.ConfigDict(dict(model=1)), str(tmp_path))
   with pytest.raises(UserError, match="1.3B"):
     tables.run(ml_collections.ConfigDict(dict(size="7B", runs=[], evaluate=False)), str(tmp_path))
+
+
+def test_ablation_table_reads_finished_sweep_points_beside_the_papers_column(tmp_path):
+  from configs import tables as tables_config
+  from experiments import sweep
+  config = tables_config.get_config("ablation")
+  points = {(p.axes[sweep.LABEL], p.seed): p.name
+            for p in sweep.expand(sweep.load_config(config.sweep))}
+
+  def finish(label, seed, perplexity, step=200):
+    point_dir = tmp_path / points[label, seed]
+    point_dir.mkdir()
+    (point_dir / "eval.json").write_text(json.dumps({"step": step, "perplexity": perplexity}))
+
+  finish("HOPE (full)", 0, 9.0)
+  finish("HOPE (full)", 1, 10.0)
+  finish("w/o DGD", 0, 11.0, step=100)  # interrupted: not a result
+  rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+          for line in tables.run(config, str(tmp_path)).splitlines() if line.startswith("| ")}
+  assert rows["HOPE (full)"][1:4] == ["12.24", "9.50 ± 0.71", "2"]
+  assert rows["w/o DGD"][1:4] == ["13.41", "—", "0"]
+  # The paper's rows without a switch here stay, with no number of ours.
+  assert rows["w/o inner projection of k"][1:3] == ["13.77", "—"]
+  assert (tmp_path / "ablation.md").read_text().startswith("HOPE ablation")

@@ -1,0 +1,35 @@
+"""The paper's ablation table (arXiv 2512.24695, Table 6) at HOPE `tiny`: the full model, then
+one mechanism removed per row, on the mini protocol's budget (200 steps × 16 × 128 tokens).
+
+  python main.py --mode=sweep --config=configs/sweeps/hope_ablation.py --workdir=runs/ablation
+  python main.py --mode=tables --config=configs/tables.py:ablation --workdir=runs/ablation
+
+"Full" is the paper's HOPE: every switch on, so beyond configs/hope.py:tiny (whose defaults
+follow SPEC §3) it has the memories' momentum (μ = 0.9) and q from a self-modifying memory.
+The paper's rows "w/o inner projection of k / v" have no switch here: k and v always come
+from their self-modifying memories, so those rows are not run.
+"""
+
+from experiments import sweep
+
+# "w/o CMS": one MLP of the levels' total width (96 + 96 + 64), trained every step like a
+# Transformer's: a single level whose period (2048 tokens) is one optimizer step.
+ONE_STEP = 16 * 128
+NO_CMS = {"model.cms_periods": str(ONE_STEP), "model.cms_hidden": "256",
+          "levels.cms_slow.pattern": "/cms/0/", "levels.cms_slow.period": ONE_STEP}
+
+ROWS = (("HOPE (full)", {}),
+        ("w/o DGD", {"model.dgd": False}),
+        ("w/o momentum", {"model.mem_momentum": 0.0}),
+        ("w/o weight decay", {"model.weight_decay": False}),
+        ("w/o CMS", NO_CMS),
+        ("w/o inner projection of q", {"model.adaptive_q": False}))
+
+
+def get_config():
+  return sweep.define(
+      base="configs/hope.py:tiny",
+      points=[{"label": label, **fields} for label, fields in ROWS],
+      seeds=[0, 1, 2],
+      fixed={"train.steps": 200, "model.mem_momentum": 0.9, "model.adaptive_q": True},
+      metric="eval.json:perplexity")
