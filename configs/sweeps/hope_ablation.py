@@ -18,6 +18,8 @@ ONE_STEP = 16 * 128
 NO_CMS = {"model.cms_periods": str(ONE_STEP), "model.cms_hidden": "256",
           "levels.cms_slow.pattern": "/cms/0/", "levels.cms_slow.period": ONE_STEP}
 
+# The paper's full HOPE: the memories' momentum and an adaptive q on top of the tiny preset.
+FULL = {"model.mem_momentum": 0.9, "model.adaptive_q": True}
 ROWS = (("HOPE (full)", {}),
         ("w/o DGD", {"model.dgd": False}),
         ("w/o momentum", {"model.mem_momentum": 0.0}),
@@ -29,7 +31,7 @@ ROWS = (("HOPE (full)", {}),
 def get_config():
   return sweep.define(
       base="configs/hope.py:tiny",
-      points=[{"label": label, **fields} for label, fields in ROWS],
+      points=[{"label": label, **FULL, **fields} for label, fields in ROWS],
       seeds=[0, 1, 2],
-      fixed={"train.steps": 200, "model.mem_momentum": 0.9, "model.adaptive_q": True},
+      fixed={"train.steps": 200},
       metric="eval.json:perplexity")
