@@ -139,9 +139,10 @@ def markdown(size: str, ours: dict[str, list[dict[str, float | None]]], notes: l
 
 def ablation_markdown(ours: dict[str, list[float]]) -> str:
   """The paper's ablation column beside ours (validation perplexity, mean ± std over seeds)."""
-  lines = ["HOPE ablation: the paper's perplexity (arXiv 2512.24695 Table 6, 760M-scale) beside "
-           "our validation perplexity (HOPE `tiny`, mini protocol).", "",
-           "| variant | paper ppl↓ | ours val ppl↓ | seeds | per seed |", "|---|---:|---:|---:|---|"]
+  lines = ["HOPE ablation: the paper's perplexity (arXiv 2512.24695 Table 6) beside our "
+           "validation perplexity (HOPE `tiny`, mini protocol).", "",
+           "| variant | paper ppl↓ | ours val ppl↓ | seeds | per seed |",
+           "|---|---:|---:|---:|---|"]
   gaps = []
   for label in dict.fromkeys([*PAPER_ABLATION, *ours]):
     values = ours.get(label, [])
