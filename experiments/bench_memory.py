@@ -34,7 +34,7 @@ import importlib  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import footprint, state as state_lib, train  # noqa: E402
+from experiments import footprint, mesh as mesh_lib, state as state_lib, train  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "Preset of every config file.")
 flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
@@ -66,14 +66,16 @@ def preset_config(name: str):
   return config
 
 
-def measure(config) -> footprint.Footprint:
-  return train.step_footprint(state_lib.build(config, load_data=False))
+def measure(config) -> tuple[footprint.Footprint, int]:
+  """The step's footprint and the number of devices its batch is split over."""
+  exp = state_lib.build(config, load_data=False)
+  return train.step_footprint(exp), mesh_lib.batch_divisor(exp.mesh)
 
 
-def fits(f: footprint.Footprint, config, budget: float) -> str:
+def fits(f: footprint.Footprint, config, budget: float, batch_shards: int) -> str:
   if f.total <= budget:
     return "yes"
-  accum = footprint.fitting_grad_accum(f, config, budget)
+  accum = footprint.fitting_grad_accum(f, config, budget, batch_shards)
   return f"no: grad_accum={accum} would (est.)" if accum else "no"
 
 
@@ -87,12 +89,12 @@ def main(argv):
   budget = FLAGS.budget_gb * 2**30
   for name in FLAGS.models:
     config = preset_config(name)
-    f = measure(config)
+    f, batch_shards = measure(config)
     t = config.train
     mesh = ", ".join(f"{k}={v}" for k, v in config.mesh.items() if v != 1)
     print(f"| {config.model.name} | {FLAGS.preset} | {mesh} | {t.batch_size} × {t.seq_len} | "
           f"{t.grad_accum} | {footprint.gb(f.arguments)} | {footprint.gb(f.temporaries)} | "
-          f"{footprint.gb(f.total)} | {fits(f, config, budget)} | "
+          f"{footprint.gb(f.total)} | {fits(f, config, budget, batch_shards)} | "
           f"{f.compile_seconds:.0f} s |", flush=True)
 
 

@@ -50,14 +50,16 @@ def gb(n: float) -> str:
 
 
 def fitting_grad_accum(footprint: Footprint, config: ml_collections.ConfigDict,
-                       budget: float) -> int | None:
+                       budget: float, batch_shards: int = 1) -> int | None:
   """The smallest grad_accum (dividing the batch) at which the step would fit, assuming the
   temporaries scale with the micro-batch (they are dominated by per-sequence activations and
-  in-context state); None if even one sequence per micro-batch would not."""
+  in-context state) and whose micro-batch still splits over the `batch_shards` devices the
+  batch is sharded over (data × fsdp); None if even the smallest such micro-batch would not."""
   batch, accum = config.train.batch_size, config.train.grad_accum
   fixed = footprint.total - footprint.temporaries
   for candidate in range(accum, batch + 1):
-    if batch % candidate == 0 and fixed + footprint.temporaries * accum / candidate <= budget:
+    micro = batch // candidate
+    if batch % candidate == 0 and micro % batch_shards == 0 and fixed + footprint.temporaries * accum / candidate <= budget:
       return candidate
   return None
 
@@ -76,21 +78,22 @@ def device_budget(config: ml_collections.ConfigDict) -> tuple[int | None, str]:
   return (int(limit), f"the memory limit of {device.device_kind}") if limit else (None, "")
 
 
-def check_fits(footprint: Footprint, config: ml_collections.ConfigDict) -> None:
+def check_fits(footprint: Footprint, config: ml_collections.ConfigDict,
+               batch_shards: int = 1) -> None:
   """Raises a UserError, before anything is allocated, if the compiled step would not fit
   the device (`device_budget`); the message names the bytes, the budget and the fix."""
   budget, source = device_budget(config)
   if budget is None or footprint.total <= budget:
     return
-  accum = fitting_grad_accum(footprint, config, budget)
+  accum = fitting_grad_accum(footprint, config, budget, batch_shards)
   t = config.train
   if accum:
     fix = (f"Set --config.train.grad_accum={accum} (micro-batches of "
            f"{t.batch_size // accum} sequences; estimated from the temporaries, which scale "
            f"with the micro-batch)")
   else:
-    fix = ("Even one sequence per micro-batch would not fit: shard the parameters over more "
-           "devices (--config.mesh.fsdp=N), shorten train.seq_len or choose a smaller preset")
+    fix = ("Even the smallest micro-batch that splits over the devices would not fit: shard "
+           "the parameters over more devices (--config.mesh.fsdp=N), shorten train.seq_len or choose a smaller preset")
   raise UserError(
       f"The train step needs {gb(footprint.total)} per device (arguments "
       f"{gb(footprint.arguments)}, temporaries {gb(footprint.temporaries)} at batch "

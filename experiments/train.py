@@ -152,13 +152,14 @@ class CompiledVariants:
   the bytes, the budget and a grad_accum that would fit), and its compile time and bytes per
   device are logged."""
 
-  def __init__(self, jitted, config: ml_collections.ConfigDict):
+  def __init__(self, jitted, config: ml_collections.ConfigDict, batch_shards: int = 1):
     self._jitted, self._config, self._compiled = jitted, config, {}
+    self._batch_shards = batch_shards
 
   def __call__(self, state: TrainState, batch: jax.Array, frozen: frozenset[str]):
     if frozen not in self._compiled:
       compiled, f = footprint.compile_step(self._jitted, state, batch, frozen)
-      footprint.check_fits(f, self._config)
+      footprint.check_fits(f, self._config, self._batch_shards)
       logging.info("Compiled the train step%s in %.1f s: %s per device (arguments %s, "
                    "temporaries %s).", f" with {sorted(frozen)} frozen" if frozen else "",
                    f.compile_seconds, footprint.gb(f.total), footprint.gb(f.arguments),
@@ -274,7 +275,8 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   on_device = compress.on_device(exp.config, exp.abstract_params)
   if on_device is not None:
     state = compress_state(exp, on_device, state)
-  train_step = CompiledVariants(jit_train_step(exp, on_device), exp.config)
+  train_step = CompiledVariants(jit_train_step(exp, on_device), exp.config,
+                                mesh_lib.batch_divisor(exp.mesh))
   guard = checkpoint.NonFiniteGuard(cfg.on_nonfinite, mngr, workdir)
   ckpt_record = {**exp.record, "resumed_from": cfg.resume_step}
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start) if lead else None

@@ -27,3 +27,6 @@ def test_fitting_grad_accum_scales_the_temporaries_by_the_micro_batch(cache_dir)
   assert footprint.fitting_grad_accum(f, config, budget=60) == 2
   assert footprint.fitting_grad_accum(f, config, budget=36) == 4
   assert footprint.fitting_grad_accum(f, config, budget=10) is None
+  # Over 4 devices a micro-batch must keep 4 sequences: 4 micro-batches of 2 cannot split.
+  assert footprint.fitting_grad_accum(f, config, budget=36, batch_shards=4) is None
+  assert footprint.fitting_grad_accum(f, config, budget=60, batch_shards=4) == 2
