@@ -93,7 +93,8 @@ def check_fits(footprint: Footprint, config: ml_collections.ConfigDict,
            f"with the micro-batch)")
   else:
     fix = ("Even the smallest micro-batch that splits over the devices would not fit: shard "
-           "the parameters over more devices (--config.mesh.fsdp=N), shorten train.seq_len or choose a smaller preset")
+           "the parameters over more devices (--config.mesh.fsdp=N), shorten train.seq_len "
+           "or choose a smaller preset")
   raise UserError(
       f"The train step needs {gb(footprint.total)} per device (arguments "
       f"{gb(footprint.arguments)}, temporaries {gb(footprint.temporaries)} at batch "
