@@ -317,6 +317,33 @@ def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
   return carry, jax.tree.map(lambda y: unchunk(y, axis), ys)
 
 
+def scan_deferring_last_write(read: Callable, write: Callable, carry: Any, xs: Any, *,
+                              chunk: int, axis: int, write_gradient: bool = True):
+  """`scan_chunks` of `write ∘ read` over chunks of `chunk` along `axis`, except that the
+  last chunk's write is returned undone: (carry before it, its arguments, every chunk's ys).
+
+  read(carry, chunk_xs) -> (carry, ys, write_args); write(carry, write_args) -> carry.
+  The last write only changes the state the next segment starts from, so a loss of these
+  outputs alone (HOPE's teach signal) must not differentiate it: inside one scan it would,
+  as the transpose of a scan runs its whole body even for carries without a cotangent.
+  """
+  length = jax.tree.leaves(xs)[0].shape[axis]
+  cut = lambda x, start, stop: jax.lax.slice_in_dim(x, start, stop, axis=axis)
+  last = jax.tree.map(lambda x: cut(x, length - chunk, length), xs)
+  ys = None
+  if length > chunk:
+    def step(carry, xs):
+      carry, ys, args = read(carry, xs)
+      return write(carry, args), ys
+    head = jax.tree.map(lambda x: cut(x, 0, length - chunk), xs)
+    carry, ys = scan_chunks(step, carry, head, chunk=chunk, axis=axis, remat="none",
+                            write_gradient=write_gradient)
+  carry, last_ys, args = read(carry, last)
+  if ys is not None:
+    last_ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=axis), ys, last_ys)
+  return carry, args, last_ys
+
+
 # ----------------------------------------------------------------------------- Titans (LMM)
 
 

@@ -28,6 +28,7 @@ Writes use `memory.write_chunk` (exact chunk form, per-token clipping and decay)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -121,11 +122,12 @@ def _head_gates(raw_eta, raw_alpha, p: dict, n_heads: int, eta_max: float):
 def _generator_scan(p: dict, state: dict, x: jax.Array, q_in: jax.Array | None, *,
                     n_heads: int, rule: Rule, conv: str, chunk: int, write_gradient: bool):
   """The generators over a segment: per token and head the queries, keys, values [B, H, T, d]
-  and gates η, log α [B, H, T], and the generators' state after it."""
+  and gates η, log α [B, H, T]; the generators' carry before their last chunk's write and
+  that write's arguments (`_generator_write`)."""
   names = generator_names(p)
   bank_apply = jax.vmap(jax.vmap(memory.mlp_memory, (0, None)))   # over batch, then bank
 
-  def step(carry, xs):
+  def read(carry, xs):
     gens, moms, hist = carry
     x, q_in = xs
     hist = dict(hist)
@@ -145,54 +147,71 @@ def _generator_scan(p: dict, state: dict, x: jax.Array, q_in: jax.Array | None, 
     heads = lambda y: memory.l2_normalize(_per_head(y, n_heads))
     out = (heads(q), heads(k), heads(v), eta, log_alpha)
     if not rule.writes:
-      return (gens, moms, hist), out
+      return (gens, moms, hist), out, None
     # The full-width generators write with the head-mean step and geometric-mean retention.
     gates = rule.gates(jnp.mean(eta, axis=-1), jnp.mean(log_alpha, axis=-1))
-    keys, values = memory.l2_normalize(k), memory.l2_normalize(v)
-
-    def write(bank, momenta, keys, values, gates):
-      targets = jax.vmap(memory.mlp_memory, (0, None))(bank, values)   # each its own M(v)
-      return memory.write_chunk(bank, momenta, keys, targets, gates, clip_norm=rule.clip_norm,
-                                bank=True)
-
-    gens, moms = jax.vmap(write)(gens, moms, keys, values, gates)
-    return (gens, moms, hist), out
+    return (gens, moms, hist), out, (memory.l2_normalize(k), memory.l2_normalize(v), gates)
 
   carry = (state["generators"], state["gen_momentum"],
            {n: h for n, h in state["conv"].items() if conv == "after"})
-  (gens, moms, hist), out = memory.scan_chunks(step, carry, (x, q_in), chunk=chunk, axis=1,
-                                               remat="none", write_gradient=write_gradient)
+  carry, args, out = memory.scan_deferring_last_write(
+      read, functools.partial(_generator_write, rule), carry, (x, q_in), chunk=chunk, axis=1,
+      write_gradient=write_gradient)
   heads_first = tuple(jnp.swapaxes(y, 1, 2) for y in out)                 # → [B, H, T, ·]
-  return heads_first, {"generators": gens, "gen_momentum": moms, "conv": hist}
+  return heads_first, carry, args
 
 
-def _mem_scan(state: dict, q, k, v, eta, log_alpha, *, rule: Rule, chunk: int,
-              write_gradient: bool):
-  """M_mem per head over the segment: o_t = M_mem(q_t), then its writes."""
+def _generator_write(rule: Rule, carry, args):
+  """One chunk's writes of the generator bank: keys k̄, each generator's target M(v̄)."""
+  if args is None:
+    return carry
+  gens, moms, hist = carry
+
+  def write(bank, momenta, keys, values, gates):
+    targets = jax.vmap(memory.mlp_memory, (0, None))(bank, values)   # each its own M(v)
+    return memory.write_chunk(bank, momenta, keys, targets, gates, clip_norm=rule.clip_norm,
+                              bank=True)
+
+  gens, moms = jax.vmap(write)(gens, moms, *args)
+  return gens, moms, hist
+
+
+def _mem_write(rule: Rule, carry, args):
+  """One chunk's writes of M_mem, per sequence and head."""
+  if args is None:
+    return carry
+
   def write(w, s, k, v, eta, log_alpha):
     targets = memory.mlp_memory(w, v)
     return memory.write_chunk(w, s, k, targets, rule.gates(eta, log_alpha),
                               clip_norm=rule.clip_norm)
 
-  def step(carry, xs):
-    w, s = carry
-    q, k, v, eta, log_alpha = xs
-    out = memory.batched(memory.mlp_memory)(w, q)
-    if not rule.writes:
-      return carry, out
-    return memory.batched(write)(w, s, k, v, eta, log_alpha), out
-
-  (w, s), out = memory.scan_chunks(step, (state["mem"], state["mem_momentum"]),
-                                   (q, k, v, eta, log_alpha), chunk=chunk, axis=2, remat="none",
-                                   write_gradient=write_gradient)
-  return out, w, s
+  return memory.batched(write)(*carry, *args)
 
 
-def mixer(p: dict, state: dict, x: jax.Array, *, n_heads: int, rule: Rule, conv: str,
-          gen_chunk: int, mem_chunk: int, write_gradient: bool):
-  """Self-modifying Titans over a segment x [B, T, D] (T a multiple of both chunk sizes).
+def _mem_scan(state: dict, q, k, v, eta, log_alpha, *, rule: Rule, chunk: int,
+              write_gradient: bool):
+  """M_mem per head over the segment: o_t = M_mem(q_t), then its writes; returns the
+  outputs, M_mem's carry before its last chunk's write and that write's arguments."""
+  def read(carry, xs):
+    q, *args = xs
+    return carry, memory.batched(memory.mlp_memory)(carry[0], q), (
+        tuple(args) if rule.writes else None)
 
-  Returns (y [B, T, D] in x's dtype, the state after the segment).
+  carry, args, out = memory.scan_deferring_last_write(
+      read, functools.partial(_mem_write, rule), (state["mem"], state["mem_momentum"]),
+      (q, k, v, eta, log_alpha), chunk=chunk, axis=2, write_gradient=write_gradient)
+  return out, carry, args
+
+
+def mixer_reads(p: dict, state: dict, x: jax.Array, *, n_heads: int, rule: Rule, conv: str,
+                gen_chunk: int, mem_chunk: int, write_gradient: bool):
+  """Self-modifying Titans over a segment x [B, T, D] (T a multiple of both chunk sizes),
+  its memories' last writes left pending.
+
+  Returns (y [B, T, D] in x's dtype, `pending`): `finish_writes(pending)` is the state
+  after the segment. y does not depend on the pending writes, so a gradient of y alone
+  (HOPE's teach signal) skips them.
   """
   x32 = x.astype(jnp.float32)
   hist = dict(state["conv"])
@@ -203,13 +222,33 @@ def mixer(p: dict, state: dict, x: jax.Array, *, n_heads: int, rule: Rule, conv:
     q_in = layers.kernel_matmul(p["w_q"], x).astype(jnp.float32)
     if conv == "before":
       q_in, hist["q"] = layers.causal_depthwise_conv(q_in, p["convs"]["q"], hist["q"])
-  (q, k, v, eta, log_alpha), gen_state = _generator_scan(
+  (q, k, v, eta, log_alpha), gen_carry, gen_args = _generator_scan(
       p, state, x32, q_in, n_heads=n_heads, rule=rule, conv=conv, chunk=gen_chunk,
       write_gradient=write_gradient)
-  out, mem, mem_momentum = _mem_scan(state, q, k, v, eta, log_alpha, rule=rule, chunk=mem_chunk,
-                                     write_gradient=write_gradient)
-  hist.update(gen_state["conv"])
-  new_state = {"generators": gen_state["generators"], "gen_momentum": gen_state["gen_momentum"],
-               "mem": mem, "mem_momentum": mem_momentum, "conv": hist}
+  out, mem_carry, mem_args = _mem_scan(state, q, k, v, eta, log_alpha, rule=rule,
+                                       chunk=mem_chunk, write_gradient=write_gradient)
+  hist.update(gen_carry[2])
+  pending = {"generators": (gen_carry, gen_args), "mem": (mem_carry, mem_args), "conv": hist}
   y = layers.rms_norm(p["out_norm"]["scale"], layers.merge_heads(out))
-  return layers.kernel_matmul(p["w_o"], y.astype(x.dtype)), new_state
+  return layers.kernel_matmul(p["w_o"], y.astype(x.dtype)), pending
+
+
+def finish_writes(pending: dict, *, rule: Rule, write_gradient: bool) -> dict:
+  """The state after a segment from `mixer_reads`' pending last writes."""
+  gens, moms, _ = _generator_write(rule, *pending["generators"])
+  mem, mem_momentum = _mem_write(rule, *pending["mem"])
+  state = {"generators": gens, "gen_momentum": moms, "mem": mem, "mem_momentum": mem_momentum,
+           "conv": pending["conv"]}
+  return state if write_gradient else jax.lax.stop_gradient(state)
+
+
+def mixer(p: dict, state: dict, x: jax.Array, *, n_heads: int, rule: Rule, conv: str,
+          gen_chunk: int, mem_chunk: int, write_gradient: bool):
+  """Self-modifying Titans over a segment x [B, T, D] (T a multiple of both chunk sizes).
+
+  Returns (y [B, T, D] in x's dtype, the state after the segment).
+  """
+  y, pending = mixer_reads(p, state, x, n_heads=n_heads, rule=rule, conv=conv,
+                           gen_chunk=gen_chunk, mem_chunk=mem_chunk,
+                           write_gradient=write_gradient)
+  return y, finish_writes(pending, rule=rule, write_gradient=write_gradient)

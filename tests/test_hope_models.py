@@ -176,6 +176,16 @@ def test_every_switch_changes_the_model(name, switch, what):
     assert change > 1e-3, f"the switch changed the {what} by {change:.1e} only"
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_remat_policies_give_the_same_gradients(name):
+  """What the backward pass keeps of the chunk scan trades memory for time, never the math:
+  "nested" and "none" give "chunk"'s (the default's) outer gradient."""
+  chunk = _outputs(name, "grads", ())
+  for remat in ("nested", "none"):
+    np.testing.assert_allclose(_outputs(name, "grads", (("remat", remat),)), chunk,
+                               rtol=1e-4, atol=1e-6, err_msg=f"remat={remat}")
+
+
 def test_hope_config_rejects_bad_switch_values():
   for bad in (dict(conv="middle"), dict(mem_momentum=1.0), dict(eta_max=0.0),
               dict(attention_window=12)):

@@ -175,10 +175,18 @@ def _rule(cfg: HopeConfig) -> selfmod.Rule:
 
 
 def selfmod_mixer(cfg: HopeConfig, p: dict, state: dict, x: jax.Array):
-  """Self-modifying Titans on one chunk (nested/selfmod.py)."""
-  return selfmod.mixer(p, state, x, n_heads=cfg.n_heads, rule=_rule(cfg), conv=cfg.conv,
-                       gen_chunk=cfg.gen_chunk_size, mem_chunk=cfg.mem_chunk_size,
-                       write_gradient=cfg.write_gradient)
+  """Self-modifying Titans on one chunk (nested/selfmod.py), its last writes pending."""
+  return selfmod.mixer_reads(p, state, x, n_heads=cfg.n_heads, rule=_rule(cfg), conv=cfg.conv,
+                             gen_chunk=cfg.gen_chunk_size, mem_chunk=cfg.mem_chunk_size,
+                             write_gradient=cfg.write_gradient)
+
+
+def finish_mixers(cfg: HopeConfig, pending: list) -> list:
+  """The mixers' states after a chunk: the self-modifying memories' pending writes done."""
+  if cfg.mixer != "selfmod":
+    return pending
+  return [selfmod.finish_writes(p, rule=_rule(cfg), write_gradient=cfg.write_gradient)
+          for p in pending]
 
 
 def attention_init_state(cfg: HopeConfig, batch: int, cache_len: int) -> dict:
@@ -269,7 +277,8 @@ def _cms_weights(cfg: HopeConfig, p_cms: list, fast: list) -> list:
 
 def forward_chunk(cfg: HopeConfig, params: dict, mixers: list, fast: list, tokens: jax.Array,
                   positions: jax.Array):
-  """All layers on one chunk [B, C]; returns (logits, new mixer states, local-L2 grads)."""
+  """All layers on one chunk [B, C]; returns (logits, the mixers' pending states
+  (`finish_mixers`), local-L2 grads)."""
   h = embed(cfg, params, tokens)
   new_mixers, local_grads = [], []
   for i in range(cfg.n_layers):
@@ -355,7 +364,9 @@ def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict,
         new_opt.append(layer_opt)
       if not cfg.write_gradient:   # the memories stop theirs inside the mixer
         new_fast = jax.lax.stop_gradient(new_fast)
-    new = {"position": carry["position"] + cfg.chunk_size, "mixers": mixers, "fast": new_fast,
+    # Outside the teach gradient: the memories' last writes do not reach this chunk's logits.
+    new = {"position": carry["position"] + cfg.chunk_size, "mixers": finish_mixers(cfg, mixers),
+           "fast": new_fast,
            "opt": new_opt}
     return new, logits
 
