@@ -58,8 +58,8 @@ def fitting_grad_accum(footprint: Footprint, config: ml_collections.ConfigDict,
   batch, accum = config.train.batch_size, config.train.grad_accum
   fixed = footprint.total - footprint.temporaries
   for candidate in range(accum, batch + 1):
-    micro = batch // candidate
-    if batch % candidate == 0 and micro % batch_shards == 0 and fixed + footprint.temporaries * accum / candidate <= budget:
+    splits = batch % candidate == 0 and (batch // candidate) % batch_shards == 0
+    if splits and fixed + footprint.temporaries * accum / candidate <= budget:
       return candidate
   return None
 

@@ -366,8 +366,7 @@ def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict,
         new_fast = jax.lax.stop_gradient(new_fast)
     # Outside the teach gradient: the memories' last writes do not reach this chunk's logits.
     new = {"position": carry["position"] + cfg.chunk_size, "mixers": finish_mixers(cfg, mixers),
-           "fast": new_fast,
-           "opt": new_opt}
+           "fast": new_fast, "opt": new_opt}
     return new, logits
 
   targets, weights = shifted_targets(tokens, lookahead)
