@@ -53,26 +53,35 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 class TokenGradients(NamedTuple):
   """∇ℓ_t for each token of a chunk as outer products: ∇_{W_in} = keys_t ⊗ d_pre_t,
   ∇_{W_out} = hidden_t ⊗ d_out_t; `sq_norm` = ‖∇ℓ_t‖² over both layers."""
+  pre: jax.Array        # [C, h] keys W_in (the erase term reuses it)
   d_pre: jax.Array      # [C, h]
   hidden: jax.Array     # [C, h] silu(k W_in)
   d_out: jax.Array      # [C, n] 2 (M(k) − v)
   sq_norm: jax.Array    # [C]
 
 
-def token_gradients(w: Memory, keys: jax.Array, targets: jax.Array) -> TokenGradients:
+def token_gradients(w: Memory, keys: jax.Array, targets: jax.Array, *,
+                    self_target: bool = False) -> TokenGradients:
   """The gradient of ℓ_t = ‖M(k_t) − v_t‖² at W for every token (keys, targets [C, n]).
 
   Written out rather than taken by autodiff because the rule needs each token's gradient
   as factors (and its norm, for per-token clipping), never as a [C, n, h] tensor. The
   targets are constants of the inner loss; the outer gradient still flows through them.
+  self_target: v_t = M(targets_t) at the same W (HOPE's self-generated values); the residual
+  M(k) − M(v) = k − v + (silu(k W_in) − silu(v W_in)) W_out then takes one W_out product.
   """
   pre = keys @ w["w_in"]
   sig = jax.nn.sigmoid(pre)
   hidden = pre * sig
-  d_out = 2.0 * (keys + hidden @ w["w_out"] - targets)
+  if self_target:
+    residual = keys - targets + (hidden - jax.nn.silu(targets @ w["w_in"])) @ w["w_out"]
+  else:
+    residual = keys + hidden @ w["w_out"] - targets
+  d_out = 2.0 * residual
   d_pre = (d_out @ w["w_out"].T) * sig * (1.0 + pre * (1.0 - sig))   # silu'(pre)
   sq = lambda x: jnp.sum(x * x, axis=-1)
-  return TokenGradients(d_pre, hidden, d_out, sq(keys) * sq(d_pre) + sq(hidden) * sq(d_out))
+  return TokenGradients(pre, d_pre, hidden, d_out,
+                        sq(keys) * sq(d_pre) + sq(hidden) * sq(d_out))
 
 
 def clipped_step(step: jax.Array, sq_norm: jax.Array, max_norm: float) -> jax.Array:
@@ -169,33 +178,38 @@ def chunk_erase(decay: Decay, rows: jax.Array, erase: jax.Array) -> Erase:
 
 
 def decayed_write(w0: jax.Array, s0: jax.Array | None, rows: jax.Array, grads: jax.Array,
-                  decay: Decay, erase: Erase | None = None) -> tuple[jax.Array, jax.Array | None]:
+                  decay: Decay, erase: Erase | None = None,
+                  rows_w0: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
   """C tokens of the memory recurrence for one matrix, in closed form.
 
   Token t = 0..C−1 adds the rank-1 step x_t g_tᵀ (rows x [C, n], grads g [C, m]):
     S_t = b_t S_{t−1} − x_t g_tᵀ                     (S_t = −x_t g_tᵀ without momentum)
     W_t = a_t W_{t−1} − e_t x_t x_tᵀ W_{t−1} + S_t   (no middle term without erase)
-  so W_{C−1} = exp(Γ) W_0 + reach_s0 S_{−1} − Xᵀ (reach[−1] ⊙ G) − Xᵀ (retain[−1] ⊙ U), U
+  so W_{C−1} = exp(Γ) W_0 + reach_s0 S_{−1} − Xᵀ (reach[−1] ⊙ G + retain[−1] ⊙ U), U
   from `chunk_erase` with R_t = exp(Γ_{t−1}) x_tᵀ W_0 + reach_s0_{t−1} x_tᵀ S_{−1} −
   Σ_{j<t} reach[t−1, j] (x_t·x_j) g_j.
 
   Args:
     w0: W_{−1} [n, m], the state at the chunk start; s0: S_{−1} (None without momentum).
     rows, grads: [C, n], [C, m]; decay: `chunk_decay`; erase: `chunk_erase` of these rows.
+    rows_w0: X W_0 [C, m] when the caller has it (the inner gradient's forward computed it).
 
   Returns:
     (W_{C−1}, S_{C−1}) — S is None without momentum.
   """
-  out = jnp.exp(decay.gamma[-1]) * w0 - rows.T @ (decay.reach[-1][:, None] * grads)
-  if s0 is not None:
-    out = out + decay.reach_s0[-1] * s0
+  weights = decay.reach[-1][:, None] * grads          # each row's share of W_{C−1}
   if erase is not None:
     before = _shift_down                                   # the state before token t
-    rhs = jnp.exp(before(decay.gamma))[:, None] * (rows @ w0) - (
+    rows_w0 = rows @ w0 if rows_w0 is None else rows_w0
+    rhs = jnp.exp(before(decay.gamma))[:, None] * rows_w0 - (
         before(decay.reach) * erase.gram) @ grads
     if s0 is not None:
       rhs = rhs + before(decay.reach_s0)[:, None] * (rows @ s0)
-    out = out - rows.T @ (decay.retain[-1][:, None] * (erase.solve @ rhs))
+    weights = weights + decay.retain[-1][:, None] * (erase.solve @ rhs)
+  # One product with Xᵀ for the gradient and erase terms together.
+  out = jnp.exp(decay.gamma[-1]) * w0 - rows.T @ weights
+  if s0 is not None:
+    out = out + decay.reach_s0[-1] * s0
   if s0 is None:
     return out, None
   lam = decay.lam
@@ -211,8 +225,8 @@ class Gates(NamedTuple):
 
 
 def write_chunk(memory: Memory, momentum: Memory | None, keys: jax.Array, targets: jax.Array,
-                gates: Gates, *, clip_norm: float,
-                bank: bool = False) -> tuple[Memory, Memory | None]:
+                gates: Gates, *, clip_norm: float, bank: bool = False,
+                self_target: bool = False) -> tuple[Memory, Memory | None]:
   """One chunk's writes of one memory (module docstring), gradients at the chunk start.
 
   Args:
@@ -222,6 +236,8 @@ def write_chunk(memory: Memory, momentum: Memory | None, keys: jax.Array, target
     clip_norm: bound on each token's ‖s_t ∇ℓ_t‖ (0 = off).
     bank: `memory`, `momentum` and `targets` have a leading axis of M memories written with
       the same keys and gates (their decay products and erase solve are computed once).
+    self_target: each memory's target is its own M(targets) at W_0 (HOPE, SPEC §2); with
+      `bank`, the targets' inputs are shared by the bank and have no leading axis.
 
   Returns:
     (memory, momentum) after the chunk.
@@ -230,14 +246,17 @@ def write_chunk(memory: Memory, momentum: Memory | None, keys: jax.Array, target
   erase = None if gates.erase is None else chunk_erase(decay, keys, gates.erase)
 
   def one(w, s, targets):
-    g = token_gradients(w, keys, targets)
+    g = token_gradients(w, keys, targets, self_target=self_target)
     step = clipped_step(gates.step, g.sq_norm, clip_norm)[:, None]
     s0 = (lambda name: None) if s is None else (lambda name: s[name])
-    w_in, s_in = decayed_write(w["w_in"], s0("w_in"), keys, step * g.d_pre, decay, erase)
+    w_in, s_in = decayed_write(w["w_in"], s0("w_in"), keys, step * g.d_pre, decay, erase,
+                               rows_w0=g.pre)
     w_out, s_out = decayed_write(w["w_out"], s0("w_out"), g.hidden, step * g.d_out, decay)
     return {"w_in": w_in, "w_out": w_out}, (None if s is None else {"w_in": s_in, "w_out": s_out})
 
-  return jax.vmap(one)(memory, momentum, targets) if bank else one(memory, momentum, targets)
+  if not bank:
+    return one(memory, momentum, targets)
+  return jax.vmap(one, (0, 0, None if self_target else 0))(memory, momentum, targets)
 
 
 def batched(fn: Callable, n: int = 2) -> Callable:

@@ -168,9 +168,8 @@ def _generator_write(rule: Rule, carry, args):
   gens, moms, hist = carry
 
   def write(bank, momenta, keys, values, gates):
-    targets = jax.vmap(memory.mlp_memory, (0, None))(bank, values)   # each its own M(v)
-    return memory.write_chunk(bank, momenta, keys, targets, gates, clip_norm=rule.clip_norm,
-                              bank=True)
+    return memory.write_chunk(bank, momenta, keys, values, gates, clip_norm=rule.clip_norm,
+                              bank=True, self_target=True)   # each generator its own M(v̄)
 
   gens, moms = jax.vmap(write)(gens, moms, *args)
   return gens, moms, hist
@@ -182,9 +181,8 @@ def _mem_write(rule: Rule, carry, args):
     return carry
 
   def write(w, s, k, v, eta, log_alpha):
-    targets = memory.mlp_memory(w, v)
-    return memory.write_chunk(w, s, k, targets, rule.gates(eta, log_alpha),
-                              clip_norm=rule.clip_norm)
+    return memory.write_chunk(w, s, k, v, rule.gates(eta, log_alpha), clip_norm=rule.clip_norm,
+                              self_target=True)   # target M_mem(v)
 
   return memory.batched(write)(*carry, *args)
 

@@ -54,12 +54,14 @@ def uniform(rng, lo, hi, *shape):
 # ----------------------------------------------------------------------------- one chunk
 
 
-@pytest.mark.parametrize("momentum,erase,clip", [(False, False, 0.0), (False, True, 0.0),
-                                                 (True, False, 0.3), (True, True, 0.0),
-                                                 (True, True, 0.3)])
-def test_write_chunk_equals_the_token_recurrence(momentum, erase, clip):
+@pytest.mark.parametrize("momentum,erase,clip,self_target", [
+    (False, False, 0.0, False), (False, True, 0.0, False), (True, False, 0.3, False),
+    (True, True, 0.0, False), (True, True, 0.3, False), (False, True, 0.3, True),
+    (True, True, 0.0, True)])
+def test_write_chunk_equals_the_token_recurrence(momentum, erase, clip, self_target):
   """64 tokens with strong random gates (η up to 0.6, α down to 0.8, β down to 0.5), where a
-  first-order chunk rule is off by tens of percent."""
+  first-order chunk rule is off by tens of percent. self_target: the target of token t is
+  M_0(v_t), the memory's own image of v_t at the chunk start (HOPE)."""
   rng = np.random.default_rng(int(momentum) * 4 + int(erase) * 2 + int(clip > 0))
   c = 64
   w0 = {n: x[0] for n, x in random_memory(rng).items()}
@@ -69,11 +71,13 @@ def test_write_chunk_equals_the_token_recurrence(momentum, erase, clip):
   step, a, b, e = (uniform(rng, 0.05, 0.5, c), uniform(rng, 0.8, 1.0, c),
                    uniform(rng, 0.5, 0.99, c), uniform(rng, 0.0, 0.6, c))
   gates = memory.Gates(step, jnp.log(a), jnp.log(b) if momentum else None, e if erase else None)
-  got, got_s = jax.jit(functools.partial(memory.write_chunk, clip_norm=clip))(
+  got, got_s = jax.jit(functools.partial(memory.write_chunk, clip_norm=clip,
+                                          self_target=self_target))(
       w0, s0 if momentum else None, keys, targets, gates)
   w, s = w0, s0
   for t in range(c):
-    w, s = token_update(w0, w, s, keys[t], targets[t], step[t], a[t], b[t], e[t], clip=clip,
+    target = mlp_ref(w0, targets[t]) if self_target else targets[t]
+    w, s = token_update(w0, w, s, keys[t], target, step[t], a[t], b[t], e[t], clip=clip,
                         momentum=momentum, erase=erase)
   moved = max(float(jnp.max(jnp.abs(w[n] - w0[n]))) for n in w)
   assert moved > 0.1   # the writes are large: equality below is not equality with w0
