@@ -23,6 +23,8 @@ The SPEC §3 switches (the paper's ablations), all under config.model:
   cms_lr (0 = plain MLPs), eta_max (η_t = eta_max · sigmoid(·)), inner_clip (0 = off)
   memory_writes   True | False (memories and in-context CMS levels frozen: the memory-off control)
   remat           "chunk" | "nested" | "none": what the backward pass keeps of the chunk scan
+  scan_unroll     1 | k: chunk steps per compiled loop iteration (k = the chunks of a sequence
+                  unrolls it: ~20-30% faster at tiny on CPU, twice the compile; BENCHMARKS.md)
 """
 
 import ml_collections
@@ -55,10 +57,11 @@ def hope_config(preset: str, *, name: str, mixer_fields: dict) -> ml_collections
   c.model = ml_collections.ConfigDict(dict(
       name=name, cms_periods=f"{fast_periods},{slow_period}", context=c.train.seq_len,
       cms_objective="teach", cms_lr=1e-2, cms_momentum=0.0, write_gradient=True,
-      cms_second_order=False, memory_writes=True, remat=remat, tie_embeddings=False,
+      cms_second_order=False, memory_writes=True, remat=remat, scan_unroll=1,
+      tie_embeddings=False,
       dtype=c.model.dtype,
       **dims, **fields))
-  if preset == "small":   # 52.4 GB (HOPE) / 53.5 GB (HOPE-Attention) of one device, by XLA
+  if preset == "small":   # 50.6 GB (HOPE) / 53.5 GB (HOPE-Attention) of one device, by XLA
     c.train.grad_accum = 8
   if preset in transformer.PAPER_PRESETS:
     # Keeps the chunk carries only every few chunks (30% fewer temporaries at small). Per

@@ -297,7 +297,7 @@ def _group_size(n: int) -> int:
 
 
 def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
-                remat: str, write_gradient: bool = True) -> tuple[Any, Any]:
+                remat: str, write_gradient: bool = True, unroll: int = 1) -> tuple[Any, Any]:
   """`lax.scan` of `step(carry, chunk_xs) -> (carry, ys)` over chunks of `chunk` along `axis`.
 
   remat (what the backward pass keeps of the N chunk steps):
@@ -308,6 +308,9 @@ def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
               the choice inside a step that is itself checkpointed, where a second
               checkpoint would run its forward a third time.
   write_gradient: False stops the outer gradient at every write (SPEC §3 alternative).
+  unroll: chunk steps per iteration of the compiled loop (`lax.scan`'s unroll; of the inner
+    loop under "nested"). Unrolled steps pass their carry without the loop's copies into and
+    out of its stacked residuals, for a longer compile; the values are the same.
   """
   if remat not in REMAT:
     raise ValueError(f"remat={remat!r}; choose one of {REMAT}")
@@ -327,12 +330,13 @@ def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
 
     @jax.checkpoint
     def group_body(carry, xs):
-      return jax.lax.scan(jax.checkpoint(body), carry, xs)
+      return jax.lax.scan(jax.checkpoint(body), carry, xs, unroll=unroll)
 
     carry, ys = jax.lax.scan(group_body, carry, grouped)
     ys = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
   else:
-    carry, ys = jax.lax.scan(jax.checkpoint(body) if remat == "chunk" else body, carry, xs)
+    carry, ys = jax.lax.scan(jax.checkpoint(body) if remat == "chunk" else body, carry, xs,
+                             unroll=unroll)
   return carry, jax.tree.map(lambda y: unchunk(y, axis), ys)
 
 

@@ -6,6 +6,7 @@ import functools
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -186,9 +187,32 @@ def test_remat_policies_give_the_same_gradients(name):
                                rtol=1e-4, atol=1e-6, err_msg=f"remat={remat}")
 
 
+def _scan_unrolls(jaxpr) -> list[int]:
+  """The `unroll` of every scan in a (closed) jaxpr, nested ones included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(int(eqn.params["unroll"]))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _scan_unrolls(sub)
+  return found
+
+
+@pytest.mark.parametrize("name", ["hope", "hope_attention"])
+def test_scan_unroll_changes_the_compiled_loop_not_the_gradient(name):
+  chunk = _outputs(name, "grads", ())
+  np.testing.assert_allclose(_outputs(name, "grads", (("scan_unroll", 2),)), chunk,
+                             rtol=1e-4, atol=1e-6)
+  cfg = micro_model(name, scan_unroll=2)
+  graphdef, params = build(cfg)
+  tokens = jnp.zeros((2, 32), jnp.int32)
+  unrolls = _scan_unrolls(jax.make_jaxpr(models.apply_fn(graphdef))(params, tokens).jaxpr)
+  assert 2 in unrolls, unrolls   # the model's chunk scan runs two chunk steps per iteration
+
+
 def test_hope_config_rejects_bad_switch_values():
   for bad in (dict(conv="middle"), dict(mem_momentum=1.0), dict(eta_max=0.0),
-              dict(attention_window=12)):
+              dict(attention_window=12), dict(scan_unroll=0)):
     with pytest.raises(Exception, match="|".join(bad)):
       models.model_config(micro_model("hope", **bad))
 

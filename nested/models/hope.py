@@ -81,6 +81,7 @@ class HopeConfig:
   memory_writes: bool = True     # False: memories and in-context CMS levels never change
   attention_window: int = 0      # HOPE-Attention: keys kept, in tokens (0 = `context`)
   remat: str = "chunk"           # what backprop keeps of the chunk scan: memory.scan_chunks
+  scan_unroll: int = 1           # chunk steps per compiled loop iteration (faster, longer compile)
   conv_width: int = 4
   rope_theta: float = 10_000.0
   tie_embeddings: bool = False
@@ -95,6 +96,9 @@ class HopeConfig:
                                  ("remat", self.remat, memory.REMAT)):
       if value not in allowed:
         raise UserError(f"model.{name}={value!r}; choose one of {allowed}")
+    if self.scan_unroll < 1:
+      raise UserError(f"model.scan_unroll={self.scan_unroll}; it counts chunk steps per loop "
+                      f"iteration: 1 (a rolled loop) or more")
     if len(self.cms_hidden) != len(self.cms_periods):
       raise UserError(f"cms_hidden {self.cms_hidden} and cms_periods {self.cms_periods} must "
                        f"have one entry per CMS level")
@@ -371,5 +375,6 @@ def run(cfg: HopeConfig, params: dict, tokens: jax.Array, state: dict,
 
   targets, weights = shifted_targets(tokens, lookahead)
   state, logits = memory.scan_chunks(chunk_step, state, (tokens, targets, weights),
-                                     chunk=cfg.chunk_size, axis=1, remat=cfg.remat)
+                                     chunk=cfg.chunk_size, axis=1, remat=cfg.remat,
+                                     unroll=cfg.scan_unroll)
   return logits, state

@@ -1,0 +1,24 @@
+"""The fair mini protocol's tuning budget: every model gets the same learning-rate sweep on the
+mini protocol (`tiny`, 200 steps × 16 × 128 tokens, seed 0), one model per sweep:
+`--config=configs/sweeps/mini_lr.py:<model>`.
+
+  for m in transformer titans hope hope_attention; do
+    python main.py --mode=sweep --config=configs/sweeps/mini_lr.py:$m --workdir=runs/mini_lr/$m
+  done
+
+Then each model runs seeds 0-2 at its best rate (README, "A fair mini protocol"). The grid
+brackets the `tiny` presets' rate (2e-3, chosen for Transformer++) by a factor of 2 each way.
+"""
+
+from experiments import sweep
+
+LEARNING_RATES = (1e-3, 2e-3, 4e-3)
+
+
+def get_config(model: str = "transformer"):
+  return sweep.define(
+      base=f"configs/{model}.py:tiny",
+      grid={"train.lr": list(LEARNING_RATES)},
+      seeds=[0],
+      fixed={"train.steps": 200},
+      metric="eval.json:perplexity")
