@@ -13,8 +13,7 @@ import ml_collections
 from configs import hope
 
 PRESETS = {
-    "tiny": dict(cms_hidden="128,128,128", chunk_size=16, cms_fast_periods="16,64",
-                 remat="none"),   # as HOPE's tiny: every chunk's activations fit
+    "tiny": dict(cms_hidden="128,128,128", chunk_size=16, cms_fast_periods="16,64"),
     "small": dict(cms_hidden="1280,1152,1152", chunk_size=64, cms_fast_periods="64,512"),
     "760m": dict(cms_hidden="1408,1408,1280", chunk_size=64, cms_fast_periods="64,1024"),
     "1p3b": dict(cms_hidden="1920,1792,1792", chunk_size=64, cms_fast_periods="64,1024"),

@@ -198,12 +198,12 @@ def _scan_unrolls(jaxpr) -> list[int]:
   return found
 
 
-@pytest.mark.parametrize("name", ["hope", "hope_attention"])
-def test_scan_unroll_changes_the_compiled_loop_not_the_gradient(name):
-  chunk = _outputs(name, "grads", ())
-  np.testing.assert_allclose(_outputs(name, "grads", (("scan_unroll", 2),)), chunk,
-                             rtol=1e-4, atol=1e-6)
-  cfg = micro_model(name, scan_unroll=2)
+def test_scan_unroll_changes_the_compiled_loop_not_the_logits():
+  # HOPE-Attention runs the same chunk scan (models/hope.py); the backward pass is its
+  # transpose, a scan of the same unroll.
+  np.testing.assert_allclose(_outputs("hope", "logits", (("scan_unroll", 2),)),
+                             _outputs("hope", "logits", ()), rtol=1e-5, atol=1e-6)
+  cfg = micro_model("hope", scan_unroll=2)
   graphdef, params = build(cfg)
   tokens = jnp.zeros((2, 32), jnp.int32)
   unrolls = _scan_unrolls(jax.make_jaxpr(models.apply_fn(graphdef))(params, tokens).jaxpr)

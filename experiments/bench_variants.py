@@ -1,0 +1,102 @@
+"""Compile time and step time of model variants side by side, in one process, against a
+baseline: the ratios are what a shared machine can measure.
+
+  python experiments/bench_variants.py --config=configs/hope.py:tiny \\
+      --variants=remat=chunk --variants=remat=none --variants=remat=none,scan_unroll=8
+
+Each variant is the config with its `--variants` model fields set (`field=value,...`). Every
+step is compiled ahead of time and run once; then, `--reps` times, each runs `--steps` steps
+on real batches with one host sync, the variants in turn, so that a neighbour's load falls on
+all of them alike. The step time reported is each variant's fastest rep.
+"""
+
+import ast
+import datetime
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import flops, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+from experiments.sweep import load_config  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/hope.py:tiny", "The variants' base config.",
+                                lock_config=False)
+flags.DEFINE_string("baseline", "configs/transformer.py:tiny", "Config every ratio is against.")
+flags.DEFINE_multi_string("variants", [], "Model fields of one variant: field=value,...")
+flags.DEFINE_integer("steps", 11, "Timed train steps per rep.")
+flags.DEFINE_integer("reps", 3, "Reps of every variant's timed steps, in turn.")
+FLAGS = flags.FLAGS
+
+
+def model_fields(spec: str) -> dict:
+  """"remat=none,scan_unroll=8" -> {"remat": "none", "scan_unroll": 8}."""
+  fields = {}
+  for item in filter(None, spec.split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--variants item {item!r} is not field=value, e.g. remat=none")
+    try:
+      fields[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[key] = value
+  return fields
+
+
+def compiled_step(config):
+  """(the compiled train step, its state after one step, batches, compile seconds, FLOPs)."""
+  exp = state_lib.build(config)
+  state = state_lib.init_state(exp)
+  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh)
+             for s in range(FLAGS.steps + 1)]
+  step_fn = train.jit_train_step(exp)
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batches[0]).compile()
+  seconds = time.perf_counter() - start
+  counted = flops.count(step_fn, state, batches[0])
+  state, _ = compiled(state, batches[0])
+  jax.block_until_ready(state)
+  return compiled, state, batches[1:], seconds, counted
+
+
+def main(argv):
+  del argv
+  configs = [("baseline " + FLAGS.baseline, load_config(FLAGS.baseline))]
+  for spec in FLAGS.variants or [""]:
+    config = FLAGS.config.copy_and_resolve_references()
+    for key, value in model_fields(spec).items():
+      if key not in config.model:
+        raise app.UsageError(f"--variants field {key!r} is not a model field of --config")
+      config.model[key] = value
+    configs.append((spec or "as configured", config))
+  runs = []
+  for label, config in configs:
+    runs.append([label, *compiled_step(config)])
+    print(f"compiled {label}: {runs[-1][4]:.0f} s", flush=True)
+  best = {label: float("inf") for label, _ in configs}
+  for _ in range(FLAGS.reps):
+    for run in runs:
+      label, compiled, state, batches = run[:4]
+      start = time.perf_counter()
+      for batch in batches:
+        state, metrics = compiled(state, batch)   # the state is donated: keep the new one
+      jax.block_until_ready(metrics)
+      run[2] = state
+      best[label] = min(best[label], (time.perf_counter() - start) / len(batches))
+  print(f"\n{datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+        f"fastest of {FLAGS.reps} reps of {FLAGS.steps} steps")
+  print("| variant | compile | step | × baseline | FLOPs / step (counted) |")
+  print("|---|---:|---:|---:|---:|")
+  base = best[runs[0][0]]
+  for label, _, _, _, compile_s, counted in runs:
+    print(f"| {label} | {compile_s:.0f} s | {best[label] * 1e3:.0f} ms | "
+          f"{best[label] / base:.2f}× | {counted / 1e9:.2f} G |")
+
+
+if __name__ == "__main__":
+  app.run(main)
