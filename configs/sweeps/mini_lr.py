@@ -7,12 +7,12 @@ mini protocol (`tiny`, 200 steps × 16 × 128 tokens, seed 0), one model per swe
   done
 
 Then each model runs seeds 0-2 at its best rate (README, "A fair mini protocol"). The grid
-brackets the `tiny` presets' rate (2e-3, chosen for Transformer++) by a factor of 2 each way.
+X
 """
 
 from experiments import sweep
 
-LEARNING_RATES = (1e-3, 2e-3, 4e-3)
+LEARNING_RATES = (1e-3, 2e-3, 4e-3, 8e-3)
 
 
 def get_config(model: str = "transformer"):
