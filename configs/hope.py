@@ -23,8 +23,8 @@ The SPEC §3 switches (the paper's ablations), all under config.model:
   cms_lr (0 = plain MLPs), eta_max (η_t = eta_max · sigmoid(·)), inner_clip (0 = off)
   memory_writes   True | False (memories and in-context CMS levels frozen: the memory-off control)
   remat           "chunk" | "nested" | "none": what the backward pass keeps of the chunk scan
-  scan_unroll     1 | k: chunk steps per compiled loop iteration (k = the chunks of a sequence
-                  unrolls it: ~20-30% faster at tiny on CPU, twice the compile; BENCHMARKS.md)
+  scan_unroll     1 | k: chunk steps per compiled loop iteration, the same values (at tiny on
+                  CPU: no faster with remat chunk, 4-5x the compile; BENCHMARKS.md)
 """
 
 import ml_collections

@@ -10,7 +10,6 @@ on real batches with one host sync, the variants in turn, so that a neighbour's 
 all of them alike. The step time reported is each variant's fastest rep.
 """
 
-import ast
 import datetime
 import os
 import sys
@@ -23,7 +22,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import flops, mesh as mesh_lib, state as state_lib, train  # noqa: E402
-from experiments.sweep import load_config  # noqa: E402
+from experiments.device_check import parse_value  # noqa: E402
+from experiments.sweep import load_config, override  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/hope.py:tiny", "The variants' base config.",
                                 lock_config=False)
@@ -35,16 +35,13 @@ FLAGS = flags.FLAGS
 
 
 def model_fields(spec: str) -> dict:
-  """"remat=none,scan_unroll=8" -> {"remat": "none", "scan_unroll": 8}."""
+  """"remat=none,scan_unroll=8" -> {"model.remat": "none", "model.scan_unroll": 8}."""
   fields = {}
   for item in filter(None, spec.split(",")):
     key, sep, value = item.partition("=")
     if not sep:
       raise app.UsageError(f"--variants item {item!r} is not field=value, e.g. remat=none")
-    try:
-      fields[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      fields[key] = value
+    fields[f"model.{key}"] = parse_value(value)
   return fields
 
 
@@ -68,12 +65,9 @@ def main(argv):
   del argv
   configs = [("baseline " + FLAGS.baseline, load_config(FLAGS.baseline))]
   for spec in FLAGS.variants or [""]:
-    config = FLAGS.config.copy_and_resolve_references()
-    for key, value in model_fields(spec).items():
-      if key not in config.model:
-        raise app.UsageError(f"--variants field {key!r} is not a model field of --config")
-      config.model[key] = value
-    configs.append((spec or "as configured", config))
+    configs.append((spec or "as configured", override(
+        FLAGS.config, model_fields(spec), where="--variants", base="--config",
+        owner="bench_variants'")))
   runs = []
   for label, config in configs:
     runs.append([label, *compiled_step(config)])
