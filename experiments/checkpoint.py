@@ -373,6 +373,15 @@ def check_workdir(workdir: str) -> None:
                     f"permissions or free space.") from e
 
 
+class Diverged(UserError):
+  """A run stopped at a NaN or inf loss or gradient norm (config.train.on_nonfinite=stop); a
+  sweep records the step and goes on to its next point."""
+
+  def __init__(self, message: str, *, step: int, loss: float, grad_norm: float):
+    super().__init__(message)
+    self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
 class NonFiniteGuard:
   """Stops the run (config.train.on_nonfinite="stop") or logs a skipped update ("skip") when a
   step's loss or gradient norm is NaN or inf. It reads each step's flag one step late, once the
@@ -403,12 +412,13 @@ class NonFiniteGuard:
       logging.warning("step %d: loss %s, gradient norm %s: update skipped "
                       "(config.train.on_nonfinite=skip).", step, float(loss), float(grad_norm))
       return
-    raise UserError(
+    raise Diverged(
         f"At step {step} the loss was {float(loss)} and the gradient norm {float(grad_norm)}: "
         f"the run stopped, and nothing after that step was saved. Last good checkpoint: "
         f"{last_good(self.mngr)} in {self.mngr.directory} (re-running resumes from it). Lower "
         f"--config.train.lr or clip harder (config.train.clip_norm), or pass "
-        f"--config.train.on_nonfinite=skip to drop such steps' updates and go on.")
+        f"--config.train.on_nonfinite=skip to drop such steps' updates and go on.",
+        step=int(step), loss=float(loss), grad_norm=float(grad_norm))
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 from absl import flags, logging
 
-from experiments import metrics as metrics_lib, state as state_lib, train
+from experiments import checkpoint, metrics as metrics_lib, state as state_lib, train
 from nested.errors import UserError
 
 DEFAULT_METRIC = "eval.json:perplexity"
@@ -224,6 +224,9 @@ def json_view(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict()))
 
 
+DIVERGED_FILE = "diverged.json"
+
+
 def read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
@@ -232,6 +235,12 @@ def read_json(path: str) -> Any:
 def is_finished(point_dir: str, config: ml_collections.ConfigDict) -> bool:
   path = os.path.join(point_dir, "eval.json")
   return os.path.exists(path) and read_json(path).get("step") == config.train.steps
+
+
+def diverged_at(point_dir: str) -> int | None:
+  """The step at which a point's run stopped at a NaN or inf (its diverged.json), else None."""
+  path = os.path.join(point_dir, DIVERGED_FILE)
+  return read_json(path)["step"] if os.path.exists(path) else None
 
 
 def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict) -> None:
@@ -318,15 +327,18 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
 def summarize(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:
   """One entry per combination of the non-seed axes, over the seeds that have finished."""
   groups: dict[tuple, list[float]] = {}
+  diverged: dict[tuple, int] = {}
   for row in rows:
     key = tuple(row["axes"][a] for a in axes)
     groups.setdefault(key, [])
+    diverged[key] = diverged.get(key, 0) + (row.get("diverged") is not None)
     if row["value"] is not None:
       groups[key].append(row["value"])
   out = []
   for key, values in groups.items():
     mean, spread = mean_and_spread(values) if values else (None, None)
-    out.append({"axes": dict(zip(axes, key)), "mean": mean, "spread": spread, "n": len(values)})
+    out.append({"axes": dict(zip(axes, key)), "mean": mean, "spread": spread, "n": len(values),
+                "diverged": diverged[key]})
   return out
 
 
@@ -339,33 +351,42 @@ def cell(value: Any) -> str:
 def results_markdown(sweep: ml_collections.ConfigDict, rows, summary, axes) -> str:
   _, key = parse_metric(sweep.metric)
   done = sum(r["value"] is not None for r in rows)
+  diverged = sum(r.get("diverged") is not None for r in rows)
   lines = [f"# Sweep of {sweep.base}: {sweep.metric}", "",
-           f"{done} of {len(rows)} points finished; seeds {list(sweep.seeds)}. Mean ± sample "
-           f"standard deviation over the finished seeds (n).", "",
+           f"{done} of {len(rows)} points finished"
+           f"{f', {diverged} diverged (NaN or inf; left out of the means)' if diverged else ''}"
+           f"; seeds {list(sweep.seeds)}. Mean ± sample standard deviation over the finished "
+           f"seeds (n).", "",
            "| " + " | ".join([*axes, f"{key} (mean ± sd)", "n"]) + " |",
            "|" + "---|" * (len(axes) + 2)]
   for s in summary:
     stat = "—" if s["mean"] is None else f"{s['mean']:.4f} ± {s['spread']:.4f}"
+    if s.get("diverged"):
+      stat = "diverged" if s["mean"] is None else f"{stat} ({s['diverged']} diverged)"
     lines.append("| " + " | ".join([*(cell(s["axes"][a]) for a in axes), stat, str(s["n"])])
                  + " |")
   lines += ["", "## Every point", "",
             "| " + " | ".join(["point", *axes, "seed", "step", key]) + " |",
             "|" + "---|" * (len(axes) + 4)]
   for r in rows:
+    value = (f"diverged at step {r['diverged']}" if r.get("diverged") is not None
+             else cell(r["value"]))
     lines.append("| " + " | ".join([f"`{r['name']}`", *(cell(r["axes"][a]) for a in axes),
-                                    str(r["seed"]), cell(r["step"]), cell(r["value"])]) + " |")
+                                    str(r["seed"]), cell(r["step"]), value]) + " |")
   return "\n".join(lines) + "\n"
 
 
 def write_csv(path: str, rows, axes, key: str) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["point", *axes, "seed", "step", key])
+    writer.writerow(["point", *axes, "seed", "step", key, "diverged_at_step"])
     for r in rows:
       # repr: the CSV holds exactly the value eval.json holds.
       value = "" if r["value"] is None else repr(r["value"])
+      diverged = r.get("diverged")
       writer.writerow([r["name"], *(r["axes"][a] for a in axes), r["seed"],
-                       "" if r["step"] is None else r["step"], value])
+                       "" if r["step"] is None else r["step"], value,
+                       "" if diverged is None else diverged])
 
 
 def is_number(value: Any) -> bool:
@@ -402,13 +423,18 @@ def write_plot(path: str, sweep: ml_collections.ConfigDict, summary, axes) -> No
       label = ", ".join(f"{a}={v}" for a, v in zip(others, group)) or None
       ax.errorbar([s["axes"][x] for s in entries], [s["mean"] for s in entries],
                   yerr=[s["spread"] for s in entries], marker="o", capsize=3, label=label)
-    xs = sorted({s["axes"][x] for s in done})
+    lost = [s for s in summary if s["mean"] is None and s.get("diverged")
+            and is_number(s["axes"][x])]
+    if lost:  # a diverged point has no value to plot, but where it lies matters
+      ax.plot([s["axes"][x] for s in lost], [max(s["mean"] for s in done)] * len(lost), "x",
+              color="tab:red", markersize=10, mew=2, label="diverged", linestyle="none")
+    xs = sorted({s["axes"][x] for s in [*done, *lost]})
     if xs[0] > 0 and xs[-1] / xs[0] >= 8:  # periods and learning rates span decades
       ax.set_xscale("log")
       ax.set_xticks(xs, [f"{v:g}" for v in xs])
       ax.minorticks_off()
     ax.set_xlabel(x)
-    if others:
+    if others or lost:
       ax.legend(fontsize=8)
   else:
     labels = [", ".join(str(s["axes"][a]) for a in axes) or "base" for s in done]
@@ -437,7 +463,8 @@ def gather(sweep: ml_collections.ConfigDict, points: Sequence[Point], workdir: s
     eval_path = os.path.join(point_dir, "eval.json")
     step = read_json(eval_path).get("step") if os.path.exists(eval_path) else None
     rows.append({"name": p.name, "axes": {a: p.axes.get(a) for a in axes}, "seed": p.seed,
-                 "step": step, "value": read_metric(point_dir, sweep.metric)})
+                 "step": step, "value": read_metric(point_dir, sweep.metric),
+                 "diverged": diverged_at(point_dir)})
   if not train.is_lead_process():
     return rows
   summary = summarize(rows, axes)
@@ -464,7 +491,8 @@ def prepare(sweep: ml_collections.ConfigDict, workdir: str):
   for p, c in zip(points, configs):
     point_dir = os.path.join(workdir, p.name)
     check_workdir_matches(point_dir, c)
-    finished.append(is_finished(point_dir, c))
+    # A diverged point would diverge again: it is done until its diverged.json is deleted.
+    finished.append(is_finished(point_dir, c) or diverged_at(point_dir) is not None)
     # build() checks model, levels, mesh and data in seconds, without compute; the seed
     # changes none of that, so each config is built once, not once per seed.
     unseeded = json.dumps({**json_view(c), "seed": None}, sort_keys=True)
@@ -472,6 +500,15 @@ def prepare(sweep: ml_collections.ConfigDict, workdir: str):
       state_lib.build(c)
       built.add(unseeded)
   return points, configs, finished
+
+
+def record_divergence(point_dir: str, error: checkpoint.Diverged) -> None:
+  if train.is_lead_process():
+    os.makedirs(point_dir, exist_ok=True)
+    checkpoint.write_json_atomic(
+        os.path.join(point_dir, DIVERGED_FILE),
+        {"step": error.step, "loss": error.loss, "grad_norm": error.grad_norm,
+         "message": str(error)})
 
 
 def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = False):
@@ -490,14 +527,23 @@ def run_sweep(sweep: ml_collections.ConfigDict, workdir: str, *, dry_run: bool =
   for i, (p, c) in enumerate(zip(points, configs)):
     point_dir = os.path.join(workdir, p.name)
     if finished[i]:
-      logging.info("point %d/%d: %s: finished, skipped.", i + 1, n, p.name)
+      step = diverged_at(point_dir)
+      logging.info("point %d/%d: %s: %s, skipped.", i + 1, n, p.name,
+                   "finished" if step is None else
+                   f"diverged at step {step} (delete its {DIVERGED_FILE} to retry)")
       continue
     left = n - i - sum(finished[i:])
     eta = (metrics_lib.format_duration(sum(durations) / len(durations) * left) if durations
            else "after the first point")
     logging.info("point %d/%d: %s | ETA %s", i + 1, n, p.name, eta)
     start = time.time()
-    train.run(c, point_dir)
+    try:
+      train.run(c, point_dir)
+    except checkpoint.Diverged as e:
+      record_divergence(point_dir, e)
+      logging.warning("point %d/%d: %s diverged at step %d (loss %s, gradient norm %s): "
+                      "recorded in its %s; the sweep goes on.", i + 1, n, p.name, e.step,
+                      e.loss, e.grad_norm, DIVERGED_FILE)
     durations.append(time.time() - start)
     rows = gather(sweep, points, workdir)  # after every point: a long sweep can be read as it runs
   if rows is None:  # every point had finished: gather once, e.g. after a cluster run

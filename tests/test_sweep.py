@@ -13,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import MICRO, REPO, run_main
-from experiments import sweep
+from experiments import checkpoint, sweep
 from nested.errors import UserError
 
 SLOW_MLP = "configs/transformer.py:slow_mlp"
@@ -108,6 +108,40 @@ def test_command_line_round_trips_every_field_type(tmp_path, monkeypatch):
   values(argv)
   assert values.config.to_dict() == point.to_dict()
   assert sweep.command_line(spec, base, base, "w").count("--config.") == 0
+
+
+def test_a_diverged_point_is_recorded_and_the_sweep_goes_on(cache_dir, tmp_path, monkeypatch):
+  """A learning-rate sweep's largest rate may diverge: the sweep records the step, trains the
+  points after it, reports the point as diverged, and does not retry it when rerun."""
+  spec = sweep.define(base=SLOW_MLP, grid={"levels.slow.period": [512, 256]}, seeds=[0],
+                      fixed={**MICRO, "train.steps": 2, "data.cache_dir": cache_dir})
+  trained = []
+
+  def fake_run(config, workdir):  # train.run stands in: the sweep's bookkeeping is the subject
+    trained.append(os.path.basename(workdir))
+    if config.levels.slow.period == 512:
+      raise checkpoint.Diverged("At step 7 ...", step=7, loss=float("nan"), grad_norm=1e9)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({"step": 2, "perplexity": 5.25}, f)
+
+  monkeypatch.setattr(sweep.train, "run", fake_run)
+  workdir = str(tmp_path / "sweep")
+  sweep.run_sweep(spec, workdir)
+  diverged, finished = "levels.slow.period=512,seed=0", "levels.slow.period=256,seed=0"
+  assert trained == [diverged, finished]
+  assert read_json(os.path.join(workdir, diverged, "diverged.json"))["step"] == 7
+  with open(os.path.join(workdir, "results.csv")) as f:
+    rows = {r["point"]: r for r in csv.DictReader(f)}
+  assert rows[diverged]["diverged_at_step"] == "7" and rows[diverged]["perplexity"] == ""
+  assert rows[finished]["diverged_at_step"] == "" and float(rows[finished]["perplexity"]) == 5.25
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "1 of 2 points finished, 1 diverged" in table
+  assert "| 512 | diverged | 0 |" in table and "| diverged at step 7 |" in table
+  assert os.path.exists(os.path.join(workdir, "results.png"))
+
+  sweep.run_sweep(spec, workdir)  # rerun: both points are done, nothing trains
+  assert trained == [diverged, finished]
 
 
 # ------------------------------------------------------------------ end to end, in subprocesses
