@@ -2,6 +2,8 @@
 
 mini  the CPU mini protocol (README): Transformer++, Titans, HOPE, HOPE-Attention `tiny`, equal parameters
       and training tokens on the bundled corpus, seeds 0-2, compared with the 760M rows.
+mini_tuned  the same, each model at its own best learning rate: the points of
+      configs/sweeps/mini_seeds.py:<model>, read from runs/mini_seeds/<model>.
 760m  the full-scale rows, from runs of configs/<model>.py:760m in runs/<model>_760m.
 1p3b  likewise for 1.3B.
 ablation  the arXiv version's ablation table (Table 6) beside the points of
@@ -10,9 +12,12 @@ ablation  the arXiv version's ablation table (Table 6) beside the points of
 
 import ml_collections
 
+from experiments import sweep
+
 MODELS = (("Transformer++", "transformer"), ("Titans (LMM)", "titans"), ("HOPE", "hope"),
           ("HOPE-Attention", "hope_attention"))
 SEEDS = (0, 1, 2)
+MINI_SEEDS = "configs/sweeps/mini_seeds.py"
 
 
 def get_config(name: str = "mini") -> ml_collections.ConfigDict:
@@ -24,10 +29,16 @@ def get_config(name: str = "mini") -> ml_collections.ConfigDict:
     c.size = "760M"
     c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini/{model}_seed{seed}")
               for label, model in MODELS for seed in SEEDS]
+  elif name == "mini_tuned":
+    c.size = "760M"
+    c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini_seeds/{model}/{point.name}")
+              for label, model in MODELS
+              for point in sweep.expand(sweep.load_config(f"{MINI_SEEDS}:{model}"))]
   elif name in ("760m", "1p3b"):
     c.size = {"760m": "760M", "1p3b": "1.3B"}[name]
     c.runs = [(label, f"configs/{model}.py:{name}", f"runs/{model}_{name}")
               for label, model in MODELS]
   else:
-    raise ValueError(f"Unknown tables config {name!r}; choose mini, 760m, 1p3b or ablation.")
+    raise ValueError(f"Unknown tables config {name!r}; choose mini, mini_tuned, 760m, 1p3b or "
+                     f"ablation.")
   return c

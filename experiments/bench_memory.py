@@ -34,7 +34,7 @@ import importlib  # noqa: E402
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import footprint, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+from experiments import footprint, mesh as mesh_lib, state as state_lib, sweep, train  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "Preset of every config file.")
 flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
@@ -50,20 +50,14 @@ def preset_config(name: str):
   config = importlib.import_module(f"configs.{name}").get_config(FLAGS.preset)
   if FLAGS.fsdp:
     config.mesh.fsdp, config.mesh.data = FLAGS.fsdp, -1
+  overrides = {}
   for item in FLAGS.set:
-    key, value = item.split("=", 1)
-    try:
-      value = eval(value, {})  # numbers, True/False, quoted strings
-    except (NameError, SyntaxError):
-      pass
-    section, field = key.rsplit(".", 1)
-    target = config
-    for part in section.split("."):
-      target = target[part]
-    if field not in target:
-      raise app.UsageError(f"--set={item}: configs/{name}.py has no field {key}")
-    target[field] = value
-  return config
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set={item} is not section.field=value, e.g. model.remat=nested")
+    overrides[key] = sweep.parse_value(value)
+  return sweep.override(config, overrides, where="--set", base=f"configs/{name}.py:{FLAGS.preset}",
+                        owner="bench_memory's")
 
 
 def measure(config) -> tuple[footprint.Footprint, int]:

@@ -22,8 +22,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import flops, mesh as mesh_lib, state as state_lib, train  # noqa: E402
-from experiments.device_check import parse_value  # noqa: E402
-from experiments.sweep import load_config, override  # noqa: E402
+from experiments.sweep import load_config, override, parse_value  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/hope.py:tiny", "The variants' base config.",
                                 lock_config=False)

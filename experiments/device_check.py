@@ -134,19 +134,6 @@ class Settings:
 # ----------------------------------------------------------------------------- overrides
 
 
-def parse_value(text: str) -> Any:
-  """'8' -> 8, '1e-3' -> 0.001, 'true' -> True; anything else stays a string."""
-  lowered = text.strip().lower()
-  if lowered in ("true", "false"):
-    return lowered == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 def parse_overrides(specs) -> dict[str, dict[str, Any]]:
   """['hope:train.grad_accum=8', ...] -> {'hope': {'train.grad_accum': 8}}."""
   out: dict[str, dict[str, Any]] = {}
@@ -156,7 +143,7 @@ def parse_overrides(specs) -> dict[str, dict[str, Any]]:
     if not (colon and equals and path) or model not in MODELS:
       raise UserError(f"--override={spec!r} is not model:section.field=value with a model of "
                       f"{', '.join(MODELS)}; write e.g. --override=hope:train.grad_accum=8.")
-    out.setdefault(model, {})[path] = parse_value(value)
+    out.setdefault(model, {})[path] = sweep.parse_value(value)
   return out
 
 

@@ -110,6 +110,20 @@ def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str,
   return out
 
 
+def parse_value(text: str) -> Any:
+  """A value typed on a command line: '8' -> 8, '1e-3' -> 0.001, 'true' -> True; anything
+  else stays a string."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], *, where: str,
              base: str, owner: str = "The sweep's") -> ml_collections.ConfigDict:
   """A copy of `config` with `overrides` ({"section.field": value}) applied; a field the config

@@ -88,3 +88,25 @@ def test_ablation_table_reads_finished_sweep_points_beside_the_papers_column(tmp
   # The paper's rows without a switch here stay, with no number of ours.
   assert rows["w/o inner projection of k"][1:3] == ["13.77", "—"]
   assert (tmp_path / "ablation.md").read_text().startswith("HOPE ablation")
+
+
+def test_mini_tuned_reads_each_models_seeds_at_its_best_rate(tmp_path, monkeypatch):
+  """The tuned table's runs are the points of configs/sweeps/mini_seeds.py:<model>, in the
+  workdirs its README command gives them: three seeds per model at that model's rate."""
+  from configs import tables as tables_config
+  from experiments import sweep
+  config = tables_config.get_config("mini_tuned")
+  config.evaluate = False
+  monkeypatch.chdir(tmp_path)
+  for label, model in tables_config.MODELS:
+    points = sweep.expand(sweep.load_config(f"{tables_config.MINI_SEEDS}:{model}"))
+    assert [p.seed for p in points] == [0, 1, 2]
+    assert len({p.axes["train.lr"] for p in points}) == 1
+    for point in points:
+      point_dir = tmp_path / "runs" / "mini_seeds" / model / point.name
+      point_dir.mkdir(parents=True)
+      (point_dir / "eval.json").write_text(
+          json.dumps({"step": 200, "perplexity": 8.0 + point.seed}))
+  table = tables.run(config, str(tmp_path / "out"))
+  for label, _ in tables_config.MODELS:
+    assert f"| {label} | ours (3 runs) |" in table and "| 9.00 ± 1.00 |" in table
