@@ -35,6 +35,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import footprint, mesh as mesh_lib, state as state_lib, sweep, train  # noqa: E402
+from nested.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("preset", "small", "Preset of every config file.")
 flags.DEFINE_list("models", ["transformer", "titans", "hope", "hope_attention"], "Config files.")
@@ -56,8 +57,11 @@ def preset_config(name: str):
     if not sep:
       raise app.UsageError(f"--set={item} is not section.field=value, e.g. model.remat=nested")
     overrides[key] = sweep.parse_value(value)
-  return sweep.override(config, overrides, where="--set", base=f"configs/{name}.py:{FLAGS.preset}",
-                        owner="bench_memory's")
+  try:
+    return sweep.override(config, overrides, where="--set",
+                          base=f"configs/{name}.py:{FLAGS.preset}", owner="bench_memory's")
+  except UserError as e:
+    raise app.UsageError(str(e)) from e
 
 
 def measure(config) -> tuple[footprint.Footprint, int]:
