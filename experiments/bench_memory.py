@@ -51,17 +51,9 @@ def preset_config(name: str):
   config = importlib.import_module(f"configs.{name}").get_config(FLAGS.preset)
   if FLAGS.fsdp:
     config.mesh.fsdp, config.mesh.data = FLAGS.fsdp, -1
-  overrides = {}
-  for item in FLAGS.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item} is not section.field=value, e.g. model.remat=nested")
-    overrides[key] = sweep.parse_value(value)
-  try:
-    return sweep.override(config, overrides, where="--set",
-                          base=f"configs/{name}.py:{FLAGS.preset}", owner="bench_memory's")
-  except UserError as e:
-    raise app.UsageError(str(e)) from e
+  overrides = sweep.parse_assignments(FLAGS.set, flag="--set", example="model.remat=nested")
+  return sweep.override(config, overrides, where="--set", base=f"configs/{name}.py:{FLAGS.preset}",
+                        owner="bench_memory's")
 
 
 def measure(config) -> tuple[footprint.Footprint, int]:
@@ -86,7 +78,10 @@ def main(argv):
   print("|---|---|---|---|---:|---:|---:|---:|---|---:|")
   budget = FLAGS.budget_gb * 2**30
   for name in FLAGS.models:
-    config = preset_config(name)
+    try:
+      config = preset_config(name)
+    except UserError as e:
+      sys.exit(f"error: {e}")
     f, batch_shards = measure(config)
     t = config.train
     mesh = ", ".join(f"{k}={v}" for k, v in config.mesh.items() if v != 1)

@@ -22,7 +22,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import flops, mesh as mesh_lib, state as state_lib, train  # noqa: E402
-from experiments.sweep import load_config, override, parse_value  # noqa: E402
+from experiments.sweep import load_config, override, parse_assignments  # noqa: E402
+from nested.errors import UserError  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/hope.py:tiny", "The variants' base config.",
                                 lock_config=False)
@@ -31,17 +32,6 @@ flags.DEFINE_multi_string("variants", [], "Model fields of one variant: field=va
 flags.DEFINE_integer("steps", 11, "Timed train steps per rep.")
 flags.DEFINE_integer("reps", 3, "Reps of every variant's timed steps, in turn.")
 FLAGS = flags.FLAGS
-
-
-def model_fields(spec: str) -> dict:
-  """"remat=none,scan_unroll=8" -> {"model.remat": "none", "model.scan_unroll": 8}."""
-  fields = {}
-  for item in filter(None, spec.split(",")):
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--variants item {item!r} is not field=value, e.g. remat=none")
-    fields[f"model.{key}"] = parse_value(value)
-  return fields
 
 
 def compiled_step(config):
@@ -64,9 +54,13 @@ def main(argv):
   del argv
   configs = [("baseline " + FLAGS.baseline, load_config(FLAGS.baseline))]
   for spec in FLAGS.variants or [""]:
-    configs.append((spec or "as configured", override(
-        FLAGS.config, model_fields(spec), where="--variants", base="--config",
-        owner="bench_variants'")))
+    try:
+      fields = parse_assignments(list(filter(None, spec.split(","))), flag="--variants",
+                                 example="remat=none,scan_unroll=8", prefix="model.")
+      configs.append((spec or "as configured", override(
+          FLAGS.config, fields, where="--variants", base="--config", owner="bench_variants'")))
+    except UserError as e:
+      sys.exit(f"error: {e}")
   runs = []
   for label, config in configs:
     runs.append([label, *compiled_step(config)])

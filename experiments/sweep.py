@@ -124,6 +124,18 @@ def parse_value(text: str) -> Any:
   return text
 
 
+def parse_assignments(items: Sequence[str], *, flag: str, example: str,
+                      prefix: str = "") -> dict[str, Any]:
+  """['section.field=8', ...], as typed after `flag` -> {prefix + 'section.field': 8}."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not (sep and key):
+      raise UserError(f"{flag} item {item!r} is not field=value; write e.g. {flag}={example}.")
+    out[prefix + key] = parse_value(value)
+  return out
+
+
 def override(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], *, where: str,
              base: str, owner: str = "The sweep's") -> ml_collections.ConfigDict:
   """A copy of `config` with `overrides` ({"section.field": value}) applied; a field the config
@@ -345,7 +357,7 @@ def summarize(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> list[dict[
   for row in rows:
     key = tuple(row["axes"][a] for a in axes)
     groups.setdefault(key, [])
-    diverged[key] = diverged.get(key, 0) + (row.get("diverged") is not None)
+    diverged[key] = diverged.get(key, 0) + (row["diverged"] is not None)
     if row["value"] is not None:
       groups[key].append(row["value"])
   out = []
@@ -365,7 +377,7 @@ def cell(value: Any) -> str:
 def results_markdown(sweep: ml_collections.ConfigDict, rows, summary, axes) -> str:
   _, key = parse_metric(sweep.metric)
   done = sum(r["value"] is not None for r in rows)
-  diverged = sum(r.get("diverged") is not None for r in rows)
+  diverged = sum(r["diverged"] is not None for r in rows)
   lines = [f"# Sweep of {sweep.base}: {sweep.metric}", "",
            f"{done} of {len(rows)} points finished"
            f"{f', {diverged} diverged (NaN or inf; left out of the means)' if diverged else ''}"
@@ -375,7 +387,7 @@ def results_markdown(sweep: ml_collections.ConfigDict, rows, summary, axes) -> s
            "|" + "---|" * (len(axes) + 2)]
   for s in summary:
     stat = "—" if s["mean"] is None else f"{s['mean']:.4f} ± {s['spread']:.4f}"
-    if s.get("diverged"):
+    if s["diverged"]:
       stat = "diverged" if s["mean"] is None else f"{stat} ({s['diverged']} diverged)"
     lines.append("| " + " | ".join([*(cell(s["axes"][a]) for a in axes), stat, str(s["n"])])
                  + " |")
@@ -383,7 +395,7 @@ def results_markdown(sweep: ml_collections.ConfigDict, rows, summary, axes) -> s
             "| " + " | ".join(["point", *axes, "seed", "step", key]) + " |",
             "|" + "---|" * (len(axes) + 4)]
   for r in rows:
-    value = (f"diverged at step {r['diverged']}" if r.get("diverged") is not None
+    value = (f"diverged at step {r['diverged']}" if r["diverged"] is not None
              else cell(r["value"]))
     lines.append("| " + " | ".join([f"`{r['name']}`", *(cell(r["axes"][a]) for a in axes),
                                     str(r["seed"]), cell(r["step"]), value]) + " |")
@@ -397,7 +409,7 @@ def write_csv(path: str, rows, axes, key: str) -> None:
     for r in rows:
       # repr: the CSV holds exactly the value eval.json holds.
       value = "" if r["value"] is None else repr(r["value"])
-      diverged = r.get("diverged")
+      diverged = r["diverged"]
       writer.writerow([r["name"], *(r["axes"][a] for a in axes), r["seed"],
                        "" if r["step"] is None else r["step"], value,
                        "" if diverged is None else diverged])
@@ -437,7 +449,7 @@ def write_plot(path: str, sweep: ml_collections.ConfigDict, summary, axes) -> No
       label = ", ".join(f"{a}={v}" for a, v in zip(others, group)) or None
       ax.errorbar([s["axes"][x] for s in entries], [s["mean"] for s in entries],
                   yerr=[s["spread"] for s in entries], marker="o", capsize=3, label=label)
-    lost = [s for s in summary if s["mean"] is None and s.get("diverged")
+    lost = [s for s in summary if s["mean"] is None and s["diverged"]
             and is_number(s["axes"][x])]
     if lost:  # a diverged point has no value to plot, but where it lies matters
       ax.plot([s["axes"][x] for s in lost], [max(s["mean"] for s in done)] * len(lost), "x",
