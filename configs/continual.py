@@ -14,19 +14,27 @@ experiments/continual.py), for `get_config(variant)`:
 100 steps on each corpus at the tiny presets' batch (16 x 128 bytes), a constant learning
 rate after warmup (the switch changes the data only), both corpora evaluated every 25 steps
 on 8 validation batches of their held-out plays.
+
+`<variant>,tuned` (e.g. configs/continual.py:hope,tuned) is the longer protocol: each model at
+its best rate of the fair mini protocol (configs/sweeps/mini_seeds.py; the HOPE variants at
+HOPE's), 300 steps on the comedies and 150 on the tragedies, evaluated every 50 steps.
 """
 
 import ml_collections
 
 from configs import hope, transformer
+from configs.sweeps import mini_seeds
 
 VARIANTS = ("transformer", "hope", "hope_cms_lr0", "hope_slow")
+PROTOCOLS = ("", "tuned")
 
 
-def get_config(variant: str = "hope") -> ml_collections.ConfigDict:
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown variant {variant!r} for configs/continual.py; choose one of "
-                     f"{VARIANTS}, e.g. configs/continual.py:hope")
+def get_config(arg: str = "hope") -> ml_collections.ConfigDict:
+  variant, _, protocol = arg.partition(",")
+  if variant not in VARIANTS or protocol not in PROTOCOLS:
+    raise ValueError(f"Unknown variant {arg!r} for configs/continual.py; choose one of "
+                     f"{VARIANTS}, optionally followed by ',tuned', e.g. "
+                     f"configs/continual.py:hope or configs/continual.py:hope,tuned")
   c = (transformer if variant == "transformer" else hope).get_config("tiny")
   if variant == "hope_cms_lr0":
     c.model.cms_lr = 0.0
@@ -38,4 +46,7 @@ def get_config(variant: str = "hope") -> ml_collections.ConfigDict:
   c.eval.update(dict(max_batches=8))
   c.continual.update(dict(phases="comedies,tragedies", steps="100,100", eval_every=25,
                           label=variant))
+  if protocol == "tuned":
+    c.train.lr = mini_seeds.BEST_LR["transformer" if variant == "transformer" else "hope"]
+    c.continual.update(dict(steps="300,150", eval_every=50))
   return c

@@ -269,23 +269,39 @@ def diverged_at(point_dir: str) -> int | None:
   return read_json(path)["step"] if os.path.exists(path) else None
 
 
-def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict,
+                          base: ml_collections.ConfigDict) -> None:
   """A point workdir left by a different config would be skipped with stale results or
-  resumed into a mix: refuse it. More steps than before is fine (training resumes)."""
+  resumed into a mix: refuse it. More steps than before is fine (training resumes), and so is
+  a field the record lacks that the point leaves at the base config's value: a field added to
+  the code after the point ran, whose default keeps the behaviour it ran with."""
   path = os.path.join(point_dir, "config.json")
   if not os.path.exists(path):
     return
   recorded = leaf_paths(ml_collections.ConfigDict(read_json(path)))
   wanted = leaf_paths(ml_collections.ConfigDict(json_view(config)))
-  differ = [k for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+  default = leaf_paths(ml_collections.ConfigDict(json_view(base)))
+  added = [k for k in wanted if k not in recorded and wanted[k] == default.get(k, _MISSING)]
+  differ = [k for k in sorted(set(recorded) | set(wanted))
+            if k not in added and recorded.get(k, _MISSING) != wanted.get(k, _MISSING)]
   if "train.steps" in differ and recorded["train.steps"] < wanted["train.steps"]:
     differ.remove("train.steps")
   if differ:
-    shown = ", ".join(f"{k} ({recorded.get(k)!r} there, {wanted.get(k)!r} now)"
+    shown = ", ".join(f"{k} ({_shown(recorded, k)} there, {_shown(wanted, k)} now)"
                       for k in differ[:3])
     raise UserError(f"{point_dir} holds a run of a different config: {shown}"
                     f"{' and more' if len(differ) > 3 else ''}. Give the sweep a new --workdir, "
                     f"or delete that directory to rerun the point.")
+  if added:
+    logging.info("%s was recorded before the config had %s; it runs at the default (%s).",
+                 point_dir, ", ".join(added), ", ".join(repr(wanted[k]) for k in added))
+
+
+_MISSING = object()
+
+
+def _shown(fields: dict[str, Any], key: str) -> str:
+  return repr(fields[key]) if key in fields else "absent"
 
 
 def format_flag_value(value: Any) -> str:
@@ -513,10 +529,11 @@ def prepare(sweep: ml_collections.ConfigDict, workdir: str):
   points = expand(sweep)
   configs = [point_config(sweep, p) for p in points]
   check_not_fixed(sweep, points)
+  base = load_config(sweep.base)
   finished, built = [], set()
   for p, c in zip(points, configs):
     point_dir = os.path.join(workdir, p.name)
-    check_workdir_matches(point_dir, c)
+    check_workdir_matches(point_dir, c, base)
     # A diverged point would diverge again: it is done until its diverged.json is deleted.
     finished.append(is_finished(point_dir, c) or diverged_at(point_dir) is not None)
     # build() checks model, levels, mesh and data in seconds, without compute; the seed

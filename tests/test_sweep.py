@@ -144,6 +144,45 @@ def test_a_diverged_point_is_recorded_and_the_sweep_goes_on(cache_dir, tmp_path,
   assert trained == [diverged, finished]
 
 
+def test_a_recorded_point_must_match_but_for_fields_added_since_at_their_default(tmp_path):
+  base = sweep.load_config(SLOW_MLP)
+  point = sweep.override(base, {"levels.slow.period": 512, "model.d_ff": 96}, where="grid",
+                         base=SLOW_MLP)
+
+  def recorded(**edits):
+    """A point workdir whose config.json is the point's with `edits` (None: field absent)."""
+    view = sweep.json_view(point)
+    for path, value in edits.items():
+      *sections, field = path.split(".")
+      parent = view
+      for section in sections:
+        parent = parent[section]
+      if value is None:
+        del parent[field]
+      else:
+        parent[field] = value
+    point_dir = tmp_path / f"point{len(list(tmp_path.iterdir()))}"
+    point_dir.mkdir()
+    (point_dir / "config.json").write_text(json.dumps(view))
+    return str(point_dir)
+
+  check = lambda point_dir: sweep.check_workdir_matches(point_dir, point, base)
+  check(recorded())
+  check(recorded(**{"train.steps": point.train.steps - 1}))        # training resumes
+  check(recorded(**{"model.rope_theta": None}))  # a field added since, the base's value
+  with pytest.raises(UserError, match=r"a different config: levels.slow.period \(256 there, "
+                                      r"512 now\)"):
+    check(recorded(**{"levels.slow.period": 256}))
+  # Absent from the record but changed by the point: the run did not have it.
+  with pytest.raises(UserError, match=r"model.d_ff \(absent there, 96 now\)"):
+    check(recorded(**{"model.d_ff": None}))
+  # In the record but gone from the config: what it selected no longer exists.
+  with pytest.raises(UserError, match=r"model.retired \(True there, absent now\)"):
+    check(recorded(**{"model.retired": True}))
+  with pytest.raises(UserError, match=r"train.steps"):
+    check(recorded(**{"train.steps": point.train.steps + 1}))
+
+
 # ------------------------------------------------------------------ end to end, in subprocesses
 
 SWEEP_FILE = f"""
