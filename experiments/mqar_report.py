@@ -47,10 +47,10 @@ def read_runs(root: str) -> list[dict[str, Any]]:
   if not runs:
     raise SystemExit(f"No finished MQAR runs under {root}/<model>/<point>/eval.json; run the "
                      f"sweeps in configs/sweeps/mqar.py first.")
-  return sorted(runs, key=lambda r: (_rank(r["model"]), r["num_pairs"], r["seed"]))
+  return sorted(runs, key=lambda r: (rank(r["model"]), r["num_pairs"], r["seed"]))
 
 
-def _rank(model: str) -> int:
+def rank(model: str) -> int:
   return ORDER.index(model) if model in ORDER else len(ORDER)
 
 
@@ -84,7 +84,7 @@ def plot(runs, path: str) -> None:
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   train_len = runs[0]["seq_len"]
-  models = sorted({r["model"] for r in runs}, key=_rank)
+  models = sorted({r["model"] for r in runs}, key=rank)
   pairs = sorted({r["num_pairs"] for r in runs})
   fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(4.2 * (1 + len(pairs)), 3.8),
                            sharey=True)
