@@ -88,3 +88,19 @@ def test_eval_of_a_phase_corpus_reads_its_own_validation_plays(cache_dir):
   a, b = (state_lib.build(c) for c in configs)
   first = lambda exp: next(iter(evaluate.validation_batches(exp)))
   assert not np.array_equal(first(a), first(b))
+
+
+def test_the_tuned_protocol_trains_each_model_longer_at_its_mini_protocol_rate():
+  from configs import continual as continual_configs  # pylint: disable=g-import-not-at-top
+  from configs.sweeps import mini_seeds  # pylint: disable=g-import-not-at-top
+  for variant in continual_configs.VARIANTS:
+    plain = continual_configs.get_config(variant)
+    tuned = continual_configs.get_config(f"{variant},tuned")
+    model = "transformer" if variant == "transformer" else "hope"
+    assert plain.train.lr == 2e-3 and tuned.train.lr == mini_seeds.BEST_LR[model]
+    assert tuned.model.to_dict() == plain.model.to_dict()
+    ends = [p.train.steps for p in continual.phase_configs(tuned)]
+    assert ends == [300, 450] and [p.train.steps for p in continual.phase_configs(plain)] == [
+        100, 200]
+  with pytest.raises(ValueError, match=r"optionally followed by ',tuned'"):
+    continual_configs.get_config("hope,long")
