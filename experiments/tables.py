@@ -137,24 +137,28 @@ def markdown(size: str, ours: dict[str, list[dict[str, float | None]]], notes: l
   return "\n".join(lines) + "\n"
 
 
-def ablation_markdown(ours: dict[str, list[float]]) -> str:
-  """The paper's ablation column beside ours (validation perplexity, mean ± std over seeds)."""
+def ablation_markdown(ours: dict[str, list[float | int]], diverged=None) -> str:
+  """The paper's ablation column beside ours (validation perplexity, mean ± std over seeds);
+  `diverged` maps a label to the steps at which its seeds' runs stopped at a NaN or inf."""
+  diverged = diverged or {}
   lines = ["HOPE ablation: the paper's perplexity (arXiv 2512.24695 Table 6) beside our "
            "validation perplexity (HOPE `tiny`, mini protocol).", "",
            "| variant | paper ppl↓ | ours val ppl↓ | seeds | per seed |",
            "|---|---:|---:|---:|---|"]
   gaps = []
   for label in dict.fromkeys([*PAPER_ABLATION, *ours]):
-    values = ours.get(label, [])
+    values, lost = ours.get(label, []), diverged.get(label, [])
     paper = fmt(PAPER_ABLATION.get(label))
-    if not values:
+    if not values and not lost:
       gaps.append(label)
     mean = combine([{"ppl": v} for v in values])["ppl"] if values else "—"
-    lines.append(f"| {label} | {paper} | {mean} | {len(values)} | "
-                 + ", ".join(f"{v:.2f}" for v in values) + " |")
+    per_seed = [f"{v:.2f}" for v in values] + [f"diverged at step {s}" for s in lost]
+    lines.append(f"| {label} | {paper} | {mean} | {len(values)} | {', '.join(per_seed)} |")
   if gaps:
     lines += ["", "No runs of: " + "; ".join(gaps) + " (a row the sweep does not define has no "
               "switch in our model; one it defines has not finished)."]
+  if any(diverged.values()):
+    lines += ["", "A diverged seed (its run stopped at a NaN or inf) is left out of the mean."]
   return "\n".join(lines) + "\n"
 
 
@@ -162,12 +166,16 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Reads each point of the ablation sweep (its workdir under `workdir`) into the table."""
   spec = sweep.load_config(config.sweep)
   ours: dict[str, list[float]] = {}
+  diverged: dict[str, list[int]] = {}
   for point in sweep.expand(spec):
     point_dir = os.path.join(workdir, point.name)
-    values = ours.setdefault(point.axes[sweep.LABEL], [])
+    label = point.axes[sweep.LABEL]
+    values, lost = ours.setdefault(label, []), diverged.setdefault(label, [])
     if sweep.is_finished(point_dir, sweep.point_config(spec, point)):
       values.append(read_json(os.path.join(point_dir, "eval.json"))["perplexity"])
-  table = ablation_markdown(ours)
+    elif (step := sweep.diverged_at(point_dir)) is not None:
+      lost.append(step)
+  table = ablation_markdown(ours, diverged)
   with open(os.path.join(workdir, "ablation.md"), "w") as f:
     f.write(table)
   logging.info("Ablation table written to %s:\n%s", os.path.join(workdir, "ablation.md"), table)

@@ -81,10 +81,14 @@ def test_ablation_table_reads_finished_sweep_points_beside_the_papers_column(tmp
   finish("HOPE (full)", 0, 9.0)
   finish("HOPE (full)", 1, 10.0)
   finish("w/o DGD", 0, 11.0, step=100)  # interrupted: not a result
+  (tmp_path / points["w/o momentum", 1]).mkdir()
+  (tmp_path / points["w/o momentum", 1] / "diverged.json").write_text(json.dumps({"step": 59}))
+  finish("w/o momentum", 2, 9.25)
   rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
           for line in tables.run(config, str(tmp_path)).splitlines() if line.startswith("| ")}
   assert rows["HOPE (full)"][1:4] == ["12.24", "9.50 ± 0.71", "2"]
   assert rows["w/o DGD"][1:4] == ["13.41", "—", "0"]
+  assert rows["w/o momentum"][1:] == ["13.58", "9.25", "1", "9.25, diverged at step 59 |"]
   # The paper's rows without a switch here stay, with no number of ours.
   assert rows["w/o inner projection of k"][1:3] == ["13.77", "—"]
   assert (tmp_path / "ablation.md").read_text().startswith("HOPE ablation")
