@@ -287,9 +287,10 @@ def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   logging.info("Training %s for steps %d..%d on a %s mesh: %s", exp.config.model.name, start + 1,
                cfg.steps, dict(exp.mesh.shape), exp.dataset.description)
   if exp.dataset.task is None:    # a synthetic task draws every batch afresh
-    logging.info("%d steps cover %.3g epochs of the training windows.", cfg.steps,
-                 data.epochs_covered(exp.dataset, steps=cfg.steps, batch_size=cfg.batch_size,
-                                     seq_len=cfg.seq_len))
+    # Of the steps this call trains: a resumed run (or a continual phase) covers fewer.
+    logging.info("%d steps cover %.3g epochs of the training windows.", cfg.steps - start,
+                 data.epochs_covered(exp.dataset, steps=cfg.steps - start,
+                                     batch_size=cfg.batch_size, seq_len=cfg.seq_len))
   try:
     for step in range(start, cfg.steps):
       profiler.before_step(step)
