@@ -18,6 +18,10 @@ on 8 validation batches of their held-out plays.
 `<variant>,tuned` (e.g. configs/continual.py:hope,tuned) is the longer protocol: each model at
 its best rate of the fair mini protocol (configs/sweeps/mini_seeds.py; the HOPE variants at
 HOPE's), 300 steps on the comedies and 150 on the tragedies, evaluated every 50 steps.
+`<variant>,reference` is the same with the Python language reference as the second corpus
+(REFERENCE, written by `python -m experiments.corpora python_reference
+runs/corpora/python_reference`; run from the repository root): a corpus that shares little
+with the plays, where the two genres share nearly everything at this scale.
 """
 
 import ml_collections
@@ -26,14 +30,15 @@ from configs import hope, transformer
 from configs.sweeps import mini_seeds
 
 VARIANTS = ("transformer", "hope", "hope_cms_lr0", "hope_slow")
-PROTOCOLS = ("", "tuned")
+PROTOCOLS = ("", "tuned", "reference")
+REFERENCE = "runs/corpora/python_reference"
 
 
 def get_config(arg: str = "hope") -> ml_collections.ConfigDict:
   variant, _, protocol = arg.partition(",")
   if variant not in VARIANTS or protocol not in PROTOCOLS:
     raise ValueError(f"Unknown variant {arg!r} for configs/continual.py; choose one of "
-                     f"{VARIANTS}, optionally followed by ',tuned', e.g. "
+                     f"{VARIANTS}, optionally followed by ',tuned' or ',reference', e.g. "
                      f"configs/continual.py:hope or configs/continual.py:hope,tuned")
   c = (transformer if variant == "transformer" else hope).get_config("tiny")
   if variant == "hope_cms_lr0":
@@ -46,7 +51,9 @@ def get_config(arg: str = "hope") -> ml_collections.ConfigDict:
   c.eval.update(dict(max_batches=8))
   c.continual.update(dict(phases="comedies,tragedies", steps="100,100", eval_every=25,
                           label=variant))
-  if protocol == "tuned":
+  if protocol in ("tuned", "reference"):
     c.train.lr = mini_seeds.BEST_LR["transformer" if variant == "transformer" else "hope"]
     c.continual.update(dict(steps="300,150", eval_every=50))
+  if protocol == "reference":
+    c.continual.phases = f"comedies,{REFERENCE}"
   return c

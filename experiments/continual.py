@@ -5,7 +5,9 @@ much of A the model forgets.
   python -m experiments.continual runs/cl          # the table and plot of every run under it
 
 `config.continual.phases` names the corpora in order, each a genre of the bundled plays
-(`config.data.plays`: "comedies", "tragedies", ...); `config.continual.steps` the optimizer
+(`config.data.plays`: "comedies", "tragedies", ...) or a path to text (a `config.data.path`:
+a file or a directory, e.g. the Python language reference that `python -m
+experiments.corpora python_reference <dir>` writes); `config.continual.steps` the optimizer
 steps of each. The phases are one run in one workdir: phase i trains (`train.train`, the
 ordinary loop) up to the sum of the first i phases' steps on its corpus, resuming from the
 previous phase's last checkpoint with its optimizer and level states, so the switch changes
@@ -48,20 +50,33 @@ def phase_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
                     f"steps ({c.steps}), so that each switch is evaluated.")
   if config.data.path:
     raise UserError("--mode=continual takes its corpora from config.continual.phases (genres "
-                    "of the bundled plays); leave config.data.path ''.")
+                    "of the bundled plays, or paths); leave config.data.path ''.")
   out, end = [], 0
   for phase, n in zip(phases, steps):
     end += n
     p = ml_collections.ConfigDict(config.to_dict())
-    p.data.plays = phase
+    if is_path(phase):
+      p.data.update(dict(path=phase, plays=""))
+    else:
+      p.data.plays = phase
     p.train.update(dict(steps=end, checkpoint_every=c.eval_every, keep_every=c.eval_every))
     out.append(p)
   return out
 
 
+def is_path(phase: str) -> bool:
+  """A phase names a text file or directory (any `config.data.path`) rather than a genre."""
+  return os.sep in phase or os.path.exists(phase)
+
+
+def corpus_name(config: ml_collections.ConfigDict) -> str:
+  """A phase's corpus as the results name it: its genre, or its path's last component."""
+  return config.data.plays or os.path.basename(os.path.normpath(config.data.path))
+
+
 def evaluate_history(configs, workdir: str) -> dict[str, list[dict[str, float]]]:
   """Each phase corpus's validation loss at step 0 and at every kept checkpoint."""
-  corpora = {c.data.plays: c for c in configs}        # a corpus met twice is evaluated once
+  corpora = {corpus_name(c): c for c in configs}      # a corpus met twice is evaluated once
   exps = [state_lib.build(c) for c in corpora.values()]
   mngr = checkpoint.manager(workdir, read_only=True)
   every = configs[0].continual.eval_every
@@ -73,7 +88,7 @@ def evaluate_history(configs, workdir: str) -> dict[str, list[dict[str, float]]]
         mngr, step, abstract, workdir, params_only=True)["params"])
     for exp in exps:
       loss = evaluate.evaluate(exp, params)["loss"]
-      history[exp.config.data.plays].append({"step": step, "loss": loss})
+      history[corpus_name(exp.config)].append({"step": step, "loss": loss})
     logging.info("evaluated step %d (%d/%d): %s", step, i + 1, len(steps),
                  ", ".join(f"{k} {v[-1]['loss']:.4f}" for k, v in history.items()))
   return history
@@ -98,11 +113,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   checkpoint.check_workdir(workdir)
   for i, c in enumerate(configs):
     logging.info("continual phase %d/%d: %s, steps up to %d", i + 1, len(configs),
-                 c.data.plays, c.train.steps)
+                 corpus_name(c), c.train.steps)
     train.train(state_lib.build(c), workdir)
   history = evaluate_history(configs, workdir)
   results = {"model": config.model.name, "label": config.continual.label or config.model.name,
-             **summary(history, [c.data.plays for c in configs],
+             **summary(history, [corpus_name(c) for c in configs],
                        [c.train.steps for c in configs]), "history": history}
   if train.is_lead_process():
     checkpoint.write_json_atomic(os.path.join(workdir, "continual.json"), results)

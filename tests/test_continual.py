@@ -102,5 +102,30 @@ def test_the_tuned_protocol_trains_each_model_longer_at_its_mini_protocol_rate()
     ends = [p.train.steps for p in continual.phase_configs(tuned)]
     assert ends == [300, 450] and [p.train.steps for p in continual.phase_configs(plain)] == [
         100, 200]
-  with pytest.raises(ValueError, match=r"optionally followed by ',tuned'"):
+    reference = continual_configs.get_config(f"{variant},reference")
+    assert reference.continual.phases == f"comedies,{continual_configs.REFERENCE}"
+    assert reference.train.lr == tuned.train.lr and reference.continual.steps == "300,150"
+  with pytest.raises(ValueError, match=r"optionally followed by ',tuned' or ',reference'"):
     continual_configs.get_config("hope,long")
+
+
+def test_a_phase_can_be_a_path_to_other_text(cache_dir, tmp_path):
+  """The Python reference (experiments/corpora.py) as the second corpus: the phase trains and
+  is evaluated on that directory, named by its last component."""
+  from experiments import corpora  # pylint: disable=g-import-not-at-top
+  reference = str(tmp_path / "python_reference")
+  paths = corpora.write("python_reference", reference)
+  assert len(paths) > 50 and "lambda" in open(os.path.join(reference, "lambda.txt")).read()
+  with pytest.raises(UserError, match="is not empty"):
+    corpora.write("python_reference", reference)
+
+  config = continual_config(cache_dir, f"comedies,{reference}", **{"continual.steps": "3,3"})
+  configs = continual.phase_configs(config)
+  assert [(c.data.plays, c.data.path) for c in configs] == [("comedies", ""), ("", reference)]
+  results = continual.run(config, str(tmp_path / "cl"))
+  assert list(results["history"]) == ["comedies", "python_reference"]
+  assert list(results["forgetting"]) == ["comedies"]
+  plays, code = (state_lib.build(c) for c in configs)
+  first = lambda exp: bytes(np.asarray(next(iter(evaluate.validation_batches(exp))))[0].tolist())
+  text = "".join(open(p, encoding="utf-8").read() for p in paths).encode()
+  assert first(code)[:16] in text and first(plays)[:16] not in text
