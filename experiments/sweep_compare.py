@@ -96,8 +96,9 @@ def _cell(entry) -> str:
     return ""
   if entry["mean"] is None:
     return f"diverged (step {entry['diverged'][0]})" if entry["diverged"] else "not run"
-  spread = f" ± {entry['sd']:.2f} ({entry['seeds']} seeds)" if entry["seeds"] > 1 else ""
-  return f"{entry['mean']:.2f}{spread}"
+  digits = 2 if abs(entry["mean"]) >= 1 else 3    # perplexities, and accuracies below 1
+  spread = f" ± {entry['sd']:.{digits}f} ({entry['seeds']} seeds)" if entry["seeds"] > 1 else ""
+  return f"{entry['mean']:.{digits}f}{spread}"
 
 
 def plot(roots: list[str], every: list[dict[str, dict]], axis: str, path: str) -> None:
