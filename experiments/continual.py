@@ -65,8 +65,9 @@ def phase_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
 
 
 def is_path(phase: str) -> bool:
-  """A phase names a text file or directory (any `config.data.path`) rather than a genre."""
-  return os.sep in phase or os.path.exists(phase)
+  """A phase names a text file or directory (any `config.data.path`) rather than a genre:
+  it has a `/` or a file extension, which no genre has."""
+  return os.sep in phase or "/" in phase or bool(os.path.splitext(phase)[1])
 
 
 def corpus_name(config: ml_collections.ConfigDict) -> str:
