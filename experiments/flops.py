@@ -11,6 +11,11 @@ What is counted, per primitive, as XLA counts it: `dot_general` 2·M·N·K (over
 dimensions too); `conv_general_dilated` 2 per multiply-add; elementwise arithmetic,
 comparisons and transcendentals one per output element; reductions one per input element.
 Data movement (reshape, transpose, slicing, gather/scatter, broadcast, convert, select) is free.
+
+As a command, the train step of each model's preset, counted from shapes alone (traced, not
+compiled, nothing allocated), per step and per token, against the first model's:
+
+  python -m experiments.flops --preset=small --models=transformer,titans,hope,hope_attention
 """
 
 from __future__ import annotations
@@ -117,3 +122,36 @@ def _steps_by_one(body: core.Jaxpr, counter_in, counter_out) -> bool:
       other = b if a is counter_in else a if b is counter_in else None
       return isinstance(other, core.Literal) and int(other.val) == 1
   return False
+
+
+def train_step(config) -> dict[str, float]:
+  """FLOPs of one train step of `config` (at its batch, mesh and grad_accum) and per token."""
+  from experiments import state as state_lib, train  # pylint: disable=g-import-not-at-top
+  exp = state_lib.build(config)
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), "int32")
+  step = count(train.jit_train_step(exp), state_lib.abstract_state(exp), batch)
+  return {"step": step, "per_token": step / state_lib.tokens_per_step(config)}
+
+
+def main(argv: list[str]) -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  from experiments.sweep import load_config  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description="FLOPs of each model's train step, counted.")
+  parser.add_argument("--preset", default="tiny")
+  parser.add_argument("--models", default="transformer,titans,hope,hope_attention")
+  args = parser.parse_args(argv[1:])
+  models = args.models.split(",")
+  print(f"| model | preset | batch × context | FLOPs / step | FLOPs / token | × {models[0]} |")
+  print("|---|---|---|---:|---:|---:|")
+  first = None
+  for model in models:
+    config = load_config(f"configs/{model}.py:{args.preset}")
+    counted = train_step(config)
+    first = first or counted["per_token"]
+    print(f"| {model} | {args.preset} | {config.train.batch_size} × {config.train.seq_len} | "
+          f"{counted['step'] / 1e9:,.2f} G | {counted['per_token'] / 1e6:,.2f} M | "
+          f"{counted['per_token'] / first:.2f}× |", flush=True)
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  main(sys.argv)

@@ -69,3 +69,22 @@ def test_gradient_of_a_scan_matches_xla_on_the_unrolled_loop():
   counted = flops.count(jax.grad(functools.partial(loss, unroll=1), argnums=(0, 1)), w, h)
   np.testing.assert_allclose(counted, xla(True), rtol=0.03)
   assert xla(1) < 0.3 * counted   # the rolled loop's body, counted once by XLA
+
+
+def test_a_transformer_train_step_counts_what_the_palm_closed_form_gives(cache_dir):
+  """6·N + 12·L·d·T per token (PaLM App. B), from the parameter shapes, is the step's matmul
+  work; the count adds the elementwise ops and the optimizer, a few percent at this size. A
+  step of two micro-batches (a scan) counts the same per token."""
+  import math  # pylint: disable=g-import-not-at-top
+  from conftest import micro_config  # pylint: disable=g-import-not-at-top
+  from experiments import state as state_lib  # pylint: disable=g-import-not-at-top
+  config = micro_config(cache_dir)
+  counted = flops.train_step(config)
+  params = state_lib.build(config).abstract_params
+  n = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+  m = config.model
+  palm = 6 * (n - m.vocab_size * m.d_model) + 12 * m.n_layers * m.d_model * config.train.seq_len
+  assert 1.0 < counted["per_token"] / palm < 1.1
+  assert counted["step"] == counted["per_token"] * config.train.batch_size * config.train.seq_len
+  accumulated = flops.train_step(micro_config(cache_dir, **{"train.grad_accum": 2}))
+  np.testing.assert_allclose(accumulated["per_token"], counted["per_token"], rtol=0.01)
