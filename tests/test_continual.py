@@ -113,6 +113,7 @@ def test_a_phase_can_be_a_path_to_other_text(cache_dir, tmp_path):
   """The Python reference (experiments/corpora.py) as the second corpus: the phase trains and
   is evaluated on that directory, named by its last component."""
   from experiments import corpora  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("pydoc_data", reason="this Python ships without its help topics")
   reference = str(tmp_path / "python_reference")
   paths = corpora.write("python_reference", reference)
   assert len(paths) > 50 and "lambda" in open(os.path.join(reference, "lambda.txt")).read()
