@@ -369,11 +369,13 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
 def summarize(rows: Sequence[dict[str, Any]], axes: Sequence[str]) -> list[dict[str, Any]]:
   """One entry per combination of the non-seed axes, over the seeds that have finished."""
   groups: dict[tuple, list[float]] = {}
-  diverged: dict[tuple, int] = {}
+  diverged: dict[tuple, list[int]] = {}   # the step at which each diverged seed stopped
   for row in rows:
     key = tuple(row["axes"][a] for a in axes)
     groups.setdefault(key, [])
-    diverged[key] = diverged.get(key, 0) + (row["diverged"] is not None)
+    diverged.setdefault(key, [])
+    if row["diverged"] is not None:
+      diverged[key].append(row["diverged"])
     if row["value"] is not None:
       groups[key].append(row["value"])
   out = []
@@ -404,7 +406,7 @@ def results_markdown(sweep: ml_collections.ConfigDict, rows, summary, axes) -> s
   for s in summary:
     stat = "—" if s["mean"] is None else f"{s['mean']:.4f} ± {s['spread']:.4f}"
     if s["diverged"]:
-      stat = "diverged" if s["mean"] is None else f"{stat} ({s['diverged']} diverged)"
+      stat = "diverged" if s["mean"] is None else f"{stat} ({len(s['diverged'])} diverged)"
     lines.append("| " + " | ".join([*(cell(s["axes"][a]) for a in axes), stat, str(s["n"])])
                  + " |")
   lines += ["", "## Every point", "",

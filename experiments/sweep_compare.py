@@ -16,7 +16,6 @@ import argparse
 import csv
 import glob
 import os
-import statistics
 import sys
 from typing import Any
 
@@ -39,7 +38,8 @@ def read_series(root: str) -> dict[str, dict[str, Any]]:
     axes = [c for c in columns if c not in FIXED_COLUMNS and c != metric]
     series[_name(path)] = {
         "axes": axes, "metric": metric,
-        "rows": [{**{a: sweep.parse_value(r[a]) for a in axes},
+        # The rows of the sweep that wrote them (sweep.gather), for sweep.summarize.
+        "rows": [{"axes": {a: sweep.parse_value(r[a]) for a in axes},
                   "value": float(r[metric]) if r[metric] else None,
                   "diverged": int(r["diverged_at_step"]) if r["diverged_at_step"] else None}
                  for r in rows]}
@@ -56,7 +56,8 @@ def _name(results_csv: str) -> str:
 def shared_axis(all_series: list[dict[str, Any]]) -> str:
   common = set.intersection(*(set(s["axes"]) for s in all_series))
   for axis in all_series[0]["axes"]:
-    if axis in common and all(sweep.is_number(r[axis]) for s in all_series for r in s["rows"]):
+    if axis in common and all(sweep.is_number(r["axes"][axis])
+                              for s in all_series for r in s["rows"]):
       return axis
   raise UserError(f"The sweeps share no numeric swept field (theirs: "
                   f"{sorted({a for s in all_series for a in s['axes']})}); compare sweeps of "
@@ -64,30 +65,37 @@ def shared_axis(all_series: list[dict[str, Any]]) -> str:
 
 
 def summarize(series: dict[str, Any], axis: str) -> list[dict[str, Any]]:
-  """One entry per value of `axis`: mean and sample sd of the finished seeds, diverged seeds."""
-  out = []
-  for x in sorted({r[axis] for r in series["rows"]}):
-    here = [r for r in series["rows"] if r[axis] == x]
-    values = [r["value"] for r in here if r["value"] is not None]
-    out.append({"x": x, "mean": statistics.fmean(values) if values else None,
-                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "seeds": len(values), "diverged": [r["diverged"] for r in here if r["diverged"]]})
-  return out
+  """`sweep.summarize` over `axis` alone, by its value: mean and sample sd ("spread") of the
+  finished seeds, their number ("n") and the diverged seeds' steps, with "x" the value."""
+  summary = sweep.summarize(series["rows"], [axis])
+  return sorted(({**s, "x": s["axes"][axis]} for s in summary), key=lambda s: s["x"])
 
 
 def label(name: str) -> str:
   return mqar_report.LABELS.get(name, name)
 
 
-def markdown(roots: list[str], every: list[dict[str, dict]], axis: str) -> str:
-  xs = sorted({e["x"] for series in every for s in series.values() for e in summarize(s, axis)})
+def summaries(every: list[dict[str, dict]], axis: str) -> list[dict[str, list[dict]]]:
+  """`summarize` of every series of every root, computed once for the table and the plot."""
+  return [{name: summarize(s, axis) for name, s in series.items()} for series in every]
+
+
+def _tag(root: str) -> str:
+  return os.path.basename(os.path.normpath(root))
+
+
+def _xs(summed: list[dict[str, list[dict]]]) -> list:
+  return sorted({e["x"] for series in summed for entries in series.values() for e in entries})
+
+
+def markdown(roots: list[str], summed: list[dict[str, list[dict]]]) -> str:
+  xs = _xs(summed)
   lines = [f"| series | {' | '.join(f'{x:g}' for x in xs)} |", "|---|" + "---:|" * len(xs)]
-  for root, series in zip(roots, every):
-    for name, s in series.items():
-      by_x = {e["x"]: e for e in summarize(s, axis)}
+  for root, series in zip(roots, summed):
+    for name, entries in series.items():
+      by_x = {e["x"]: e for e in entries}
       cells = [_cell(by_x.get(x)) for x in xs]
-      lines.append(f"| {label(name)} ({os.path.basename(os.path.normpath(root))}) | "
-                   + " | ".join(cells) + " |")
+      lines.append(f"| {label(name)} ({_tag(root)}) | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -97,39 +105,38 @@ def _cell(entry) -> str:
   if entry["mean"] is None:
     return f"diverged (step {entry['diverged'][0]})" if entry["diverged"] else "not run"
   digits = 2 if abs(entry["mean"]) >= 1 else 3    # perplexities, and accuracies below 1
-  spread = f" ± {entry['sd']:.{digits}f} ({entry['seeds']} seeds)" if entry["seeds"] > 1 else ""
+  spread = f" ± {entry['spread']:.{digits}f} ({entry['n']} seeds)" if entry["n"] > 1 else ""
   return f"{entry['mean']:.{digits}f}{spread}"
 
 
-def plot(roots: list[str], every: list[dict[str, dict]], axis: str, path: str) -> None:
+def plot(roots: list[str], summed: list[dict[str, list[dict]]], metric: str, axis: str,
+         path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  (only the plot needs it)
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  names = list(dict.fromkeys(n for series in every for n in series))
+  names = list(dict.fromkeys(n for series in summed for n in series))
   colour = {n: f"C{i}" for i, n in enumerate(names)}
   fig, ax = plt.subplots(figsize=(7.5, 4.6))
-  top = max(e["mean"] for series in every for s in series.values()
-            for e in summarize(s, axis) if e["mean"] is not None)
-  for root, series in zip(roots, every):
-    tag = os.path.basename(os.path.normpath(root))
-    for name, s in series.items():
-      done = [e for e in summarize(s, axis) if e["mean"] is not None]
+  top = max(e["mean"] for series in summed for entries in series.values() for e in entries
+            if e["mean"] is not None)
+  for root, series in zip(roots, summed):
+    for name, entries in series.items():
+      done = [e for e in entries if e["mean"] is not None]
       many = len(done) > 1
       ax.errorbar([e["x"] for e in done], [e["mean"] for e in done],
-                  yerr=[e["sd"] for e in done], color=colour[name], capsize=4,
+                  yerr=[e["spread"] for e in done], color=colour[name], capsize=4,
                   marker="o" if many else "s", ms=5 if many else 8, ls="-" if many else "none",
-                  mfc=None if many else "none", mew=1.5, label=f"{label(name)} ({tag})")
-      lost = [e["x"] for e in summarize(s, axis) if e["mean"] is None and e["diverged"]]
+                  mfc=None if many else "none", mew=1.5, label=f"{label(name)} ({_tag(root)})")
+      lost = [e["x"] for e in entries if e["mean"] is None and e["diverged"]]
       # A diverged point has no value, but where it lies matters: above every value.
       ax.plot(lost, [1.04 * top] * len(lost), "x", color=colour[name], ms=10, mew=2.5,
               ls="none")
-  xs = sorted({e["x"] for series in every for s in series.values() for e in summarize(s, axis)})
+  xs = _xs(summed)
   if xs[0] > 0 and xs[-1] / xs[0] >= 8:
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{v:g}" for v in xs])
     ax.minorticks_off()
-  metric = every[0][names[0]]["metric"] if names[0] in every[0] else "metric"
   ax.set(xlabel=axis, ylabel=metric,
          title=f"{metric} against {axis} (×: diverged, in its series' colour; "
                f"error bars: sd over seeds)")
@@ -153,8 +160,10 @@ def main(argv: list[str]) -> None:
   except UserError as e:
     sys.exit(f"error: {e}")
   out = args.out or os.path.join(args.roots[0], "compare.png")
-  plot(args.roots, every, axis, out)
-  print(markdown(args.roots, every, axis))
+  summed = summaries(every, axis)
+  metric = next(iter(every[0].values()))["metric"]
+  plot(args.roots, summed, metric, axis, out)
+  print(markdown(args.roots, summed))
   print(f"→ {out}")
 
 

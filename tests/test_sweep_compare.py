@@ -26,7 +26,8 @@ def test_sweeps_of_one_field_share_a_table_and_a_plot(tmp_path):
   assert list(every[0]) == ["transformer", "titans"]  # the models' order, not the alphabet
   axis = sweep_compare.shared_axis([s for series in every for s in series.values()])
   assert axis == "train.lr"
-  table = sweep_compare.markdown([str(lr_root), str(seeds_root)], every, axis)
+  summed = sweep_compare.summaries(every, axis)
+  table = sweep_compare.markdown([str(lr_root), str(seeds_root)], summed)
   lines = table.splitlines()
   assert lines[0] == "| series | 0.001 | 0.004 |"
   assert lines[2] == "| Transformer++ (lr) | 9.50 | 8.25 |"
@@ -35,7 +36,7 @@ def test_sweeps_of_one_field_share_a_table_and_a_plot(tmp_path):
   assert lines[4] == f"| Transformer++ (seeds) |  | {mean:.2f} ± {sd:.2f} (3 seeds) |"
 
   out = tmp_path / "compare.png"
-  sweep_compare.plot([str(lr_root), str(seeds_root)], every, axis, str(out))
+  sweep_compare.plot([str(lr_root), str(seeds_root)], summed, "perplexity", axis, str(out))
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
