@@ -52,7 +52,7 @@ def get_config(arg: str = "hope") -> ml_collections.ConfigDict:
   c.continual.update(dict(phases="comedies,tragedies", steps="100,100", eval_every=25,
                           label=variant))
   if protocol in ("tuned", "reference"):
-    c.train.lr = mini_seeds.BEST_LR["transformer" if variant == "transformer" else "hope"]
+    c.train.lr = mini_seeds.BEST_LR[c.model.name]
     c.continual.update(dict(steps="300,150", eval_every=50))
   if protocol == "reference":
     c.continual.phases = f"comedies,{REFERENCE}"

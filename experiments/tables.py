@@ -137,7 +137,8 @@ def markdown(size: str, ours: dict[str, list[dict[str, float | None]]], notes: l
   return "\n".join(lines) + "\n"
 
 
-def ablation_markdown(ours: dict[str, list[float | int]], diverged=None) -> str:
+def ablation_markdown(ours: dict[str, list[float]],
+                      diverged: dict[str, list[int]] | None = None) -> str:
   """The paper's ablation column beside ours (validation perplexity, mean ± std over seeds);
   `diverged` maps a label to the steps at which its seeds' runs stopped at a NaN or inf."""
   diverged = diverged or {}
