@@ -6,7 +6,7 @@ so each preset's parameter count is within ±10% of the Transformer++ preset of 
 Memory switches: model.chunk_size, model.mem_hidden, model.theta_scale (bound of the step
 size), model.inner_clip (0 = off), model.write_gradient (False = stop-gradient writes),
 model.memory_writes (False = the memory never changes: the memory-off control),
-model.remat ("chunk" | "nested" | "none": what the backward pass keeps of the chunk scan).
+model.remat ("chunk" | "dots" | "nested" | "none": what the backward pass keeps of the chunk scan).
 
 theta_scale is 0.02: with momentum kept per token (β ≈ 0.88 at init) a gradient's total
 step is θ/(1 − β) ≈ 8θ, and at 0.1 `tiny` trained unstably (validation perplexity 18.2 after

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from nested import models
 from nested.errors import UserError
 
 
@@ -53,10 +54,12 @@ def model_record(model_cfg: ml_collections.ConfigDict, abstract_params) -> dict[
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
-  """Raises a UserError naming the differences if `saved` came from another model."""
+  """Raises a UserError naming the differences if `saved` came from another model (the
+  models' execution fields, such as `remat`, may differ)."""
   diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {current['model'].get(k)!r}"
            for k in sorted(set(saved["model"]) | set(current["model"]))
-           if saved["model"].get(k) != current["model"].get(k)]
+           if k not in models.EXECUTION_FIELDS
+           and saved["model"].get(k) != current["model"].get(k)]
   if not diffs and saved["param_shapes"] != current["param_shapes"]:
     diffs = ["parameter shapes differ (same hyper-parameters, different code version?)"]
   if diffs:

@@ -45,6 +45,7 @@ import ml_collections
 from absl import flags, logging
 
 from experiments import checkpoint, metrics as metrics_lib, state as state_lib, train
+from nested import models
 from nested.errors import UserError
 
 DEFAULT_METRIC = "eval.json:perplexity"
@@ -274,7 +275,8 @@ def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict,
   """A point workdir left by a different config would be skipped with stale results or
   resumed into a mix: refuse it. More steps than before is fine (training resumes), and so is
   a field the record lacks that the point leaves at the base config's value: a field added to
-  the code after the point ran, whose default keeps the behaviour it ran with."""
+  the code after the point ran, whose default keeps the behaviour it ran with. The models'
+  execution fields (`remat`, ...) may differ: they change how a point computes, not what."""
   path = os.path.join(point_dir, "config.json")
   if not os.path.exists(path):
     return
@@ -282,8 +284,10 @@ def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict,
   wanted = leaf_paths(ml_collections.ConfigDict(json_view(config)))
   default = leaf_paths(ml_collections.ConfigDict(json_view(base)))
   added = [k for k in wanted if k not in recorded and wanted[k] == default.get(k, _MISSING)]
+  execution = {f"model.{k}" for k in models.EXECUTION_FIELDS}
   differ = [k for k in sorted(set(recorded) | set(wanted))
-            if k not in added and recorded.get(k, _MISSING) != wanted.get(k, _MISSING)]
+            if k not in added and k not in execution
+            and recorded.get(k, _MISSING) != wanted.get(k, _MISSING)]
   if "train.steps" in differ and recorded["train.steps"] < wanted["train.steps"]:
     differ.remove("train.steps")
   if differ:

@@ -288,7 +288,7 @@ def unchunk(x: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(x, 0, axis)
 
 
-REMAT = ("chunk", "nested", "none")
+REMAT = ("chunk", "dots", "nested", "none")
 
 
 def _group_size(n: int) -> int:
@@ -302,6 +302,8 @@ def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
 
   remat (what the backward pass keeps of the N chunk steps):
     "chunk"   each step `jax.checkpoint`-ed: N carries, one step's activations at a time;
+    "dots"    each step checkpointed saving its matrix products (`dots_saveable`): the
+              backward pass recomputes only the elementwise work between them;
     "nested"  groups of g ≈ √N checkpointed steps, each group checkpointed: N/g + g carries,
               for one more forward pass (the two-level checkpointing of Chen et al. 2016);
     "none"    nothing recomputed: every step's activations kept (fastest, largest); also
@@ -335,8 +337,10 @@ def scan_chunks(step: Callable, carry: Any, xs: Any, *, chunk: int, axis: int,
     carry, ys = jax.lax.scan(group_body, carry, grouped)
     ys = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
   else:
-    carry, ys = jax.lax.scan(jax.checkpoint(body) if remat == "chunk" else body, carry, xs,
-                             unroll=unroll)
+    if remat != "none":
+      policy = jax.checkpoint_policies.dots_saveable if remat == "dots" else None
+      body = jax.checkpoint(body, policy=policy)
+    carry, ys = jax.lax.scan(body, carry, xs, unroll=unroll)
   return carry, jax.tree.map(lambda y: unchunk(y, axis), ys)
 
 

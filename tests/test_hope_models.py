@@ -180,9 +180,9 @@ def test_every_switch_changes_the_model(name, switch, what):
 @pytest.mark.parametrize("name", MODELS)
 def test_remat_policies_give_the_same_gradients(name):
   """What the backward pass keeps of the chunk scan trades memory for time, never the math:
-  "nested" and "none" give "chunk"'s outer gradient."""
+  "dots", "nested" and "none" give "chunk"'s outer gradient."""
   chunk = _outputs(name, "grads", (("remat", "chunk"),))
-  for remat in ("nested", "none"):
+  for remat in ("dots", "nested", "none"):
     np.testing.assert_allclose(_outputs(name, "grads", (("remat", remat),)), chunk,
                                rtol=1e-4, atol=1e-6, err_msg=f"remat={remat}")
 

@@ -204,3 +204,28 @@ def test_unit_lower_inverse(n):
   m = np.tril(rng.normal(size=(n, n)) * 0.3, -1) + np.eye(n)
   np.testing.assert_allclose(memory.unit_lower_inverse(jnp.asarray(m)), np.linalg.inv(m),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_each_remat_recomputes_what_it_names():
+  """The backward pass of a chunk scan, counted: "chunk" runs every step's forward again,
+  "dots" all of it but the matrix product (saved), "nested" two forwards, "none" nothing."""
+  from experiments import flops  # pylint: disable=g-import-not-at-top
+  b, d, length, c = 4, 8, 40, 4
+
+  def loss(w, x, remat):
+    def step(h, xs):
+      h = jnp.tanh(h @ w + xs.sum(1))
+      return h, h
+    ys = memory.scan_chunks(step, jnp.zeros((b, d)), x, chunk=c, axis=1, remat=remat)[1]
+    return jnp.sum(ys ** 2)
+
+  def counted(remat):
+    grad = jax.grad(functools.partial(loss, remat=remat))
+    return flops.count(grad, jnp.ones((d, d)), jnp.ones((b, length, d)))
+
+  steps = length // c
+  product, rest = 2 * b * d * d, b * c * d + 2 * b * d   # h @ w; the sum, the add and tanh
+  none = counted("none")
+  assert counted("chunk") - none == steps * (product + rest)
+  assert counted("dots") - none == steps * rest
+  assert counted("nested") - none >= 2 * steps * (product + rest)

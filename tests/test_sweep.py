@@ -144,7 +144,7 @@ def test_a_diverged_point_is_recorded_and_the_sweep_goes_on(cache_dir, tmp_path,
   assert trained == [diverged, finished]
 
 
-def test_a_recorded_point_must_match_but_for_fields_added_since_at_their_default(tmp_path):
+def test_a_recorded_point_must_match_but_for_new_fields_at_their_default_and_how_it_ran(tmp_path):
   base = sweep.load_config(SLOW_MLP)
   point = sweep.override(base, {"levels.slow.period": 512, "model.d_ff": 96}, where="grid",
                          base=SLOW_MLP)
@@ -170,6 +170,7 @@ def test_a_recorded_point_must_match_but_for_fields_added_since_at_their_default
   check(recorded())
   check(recorded(**{"train.steps": point.train.steps - 1}))        # training resumes
   check(recorded(**{"model.rope_theta": None}))  # a field added since, the base's value
+  check(recorded(**{"model.remat": "none"}))     # how a point computes, not what
   with pytest.raises(UserError, match=r"a different config: levels.slow.period \(256 there, "
                                       r"512 now\)"):
     check(recorded(**{"levels.slow.period": 256}))

@@ -80,6 +80,16 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(cache_dir, tm
   assert before == after
 
 
+def test_a_checkpoint_resumes_under_another_remat_but_not_another_model():
+  """What the backward pass keeps is how a step computes, not what: a run that ran out of
+  memory may continue with `remat` changed; any other model field is another model."""
+  record = lambda **model: {"model": {"name": "hope", "remat": "chunk", "cms_lr": 0.01,
+                                      **model}, "param_shapes": {"w": [2, 2]}}
+  checkpoint.check_compatible(record(), record(remat="nested", scan_unroll=2), "wd")
+  with pytest.raises(UserError, match=r"model.cms_lr: checkpoint 0.01, config 0.0"):
+    checkpoint.check_compatible(record(), record(remat="nested", cms_lr=0.0), "wd")
+
+
 def test_batch_size_not_divisible_by_accumulation_is_a_user_error(cache_dir):
   with pytest.raises(UserError, match="grad_accum"):
     state_lib.build(micro_config(cache_dir, **{"train.grad_accum": 3}))

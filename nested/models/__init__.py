@@ -25,6 +25,11 @@ MODELS: dict[str, tuple[type, type[nnx.Module]]] = {
     "hope_attention": (hope.HopeAttentionConfig, hope.Hope),
 }
 
+# Model fields that choose how a step is computed (what the backward pass keeps, how far the
+# chunk loop is unrolled), never its values: a checkpoint or a finished sweep point may be
+# continued under others, e.g. a run resumed with less memory.
+EXECUTION_FIELDS = frozenset({"remat", "scan_unroll"})
+
 
 def model_config(model_cfg: ml_collections.ConfigDict):
   """`config.model` → the model's frozen hyper-parameter dataclass."""
