@@ -56,10 +56,10 @@ def preset_config(name: str):
                         owner="bench_memory's")
 
 
-def measure(config) -> tuple[footprint.Footprint, int]:
-  """The step's footprint and the number of devices its batch is split over."""
+def measure(config) -> tuple[footprint.Footprint, jax.sharding.Mesh]:
+  """The step's footprint and the mesh it was compiled for (its -1 axes resolved)."""
   exp = state_lib.build(config, load_data=False)
-  return train.step_footprint(exp), mesh_lib.batch_divisor(exp.mesh)
+  return train.step_footprint(exp), exp.mesh
 
 
 def fits(f: footprint.Footprint, config, budget: float, batch_shards: int) -> str:
@@ -82,9 +82,10 @@ def main(argv):
       config = preset_config(name)
     except UserError as e:
       sys.exit(f"error: {e}")
-    f, batch_shards = measure(config)
+    f, mesh = measure(config)
+    batch_shards = mesh_lib.batch_divisor(mesh)
     t = config.train
-    mesh = ", ".join(f"{k}={v}" for k, v in config.mesh.items() if v != 1)
+    mesh = " × ".join(f"{k} {n}" for k, n in mesh.shape.items() if n != 1) or "1 device"
     print(f"| {config.model.name} | {FLAGS.preset} | {mesh} | {t.batch_size} × {t.seq_len} | "
           f"{t.grad_accum} | {footprint.gb(f.arguments)} | {footprint.gb(f.temporaries)} | "
           f"{footprint.gb(f.total)} | {fits(f, config, budget, batch_shards)} | "
