@@ -8,6 +8,7 @@ mini_tuned  the same, each model at its own best learning rate: the points of
 1p3b  likewise for 1.3B.
 ablation  the arXiv version's ablation table (Table 6) beside the points of
       configs/sweeps/hope_ablation.py, read from the sweep's workdir (`--workdir=runs/ablation`).
+ablation_tuned  the same at HOPE's tuned rate: configs/sweeps/hope_ablation.py:tuned.
 """
 
 import ml_collections
@@ -23,8 +24,8 @@ MINI_SEEDS = "configs/sweeps/mini_seeds.py"
 def get_config(name: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.evaluate = True  # run the zero-shot tasks on runs that have not been evaluated yet
-  if name == "ablation":
-    c.sweep = "configs/sweeps/hope_ablation.py"
+  if name in ("ablation", "ablation_tuned"):
+    c.sweep = "configs/sweeps/hope_ablation.py" + (":tuned" if name == "ablation_tuned" else "")
   elif name == "mini":
     c.size = "760M"
     c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini/{model}_seed{seed}")
@@ -39,6 +40,6 @@ def get_config(name: str = "mini") -> ml_collections.ConfigDict:
     c.runs = [(label, f"configs/{model}.py:{name}", f"runs/{model}_{name}")
               for label, model in MODELS]
   else:
-    raise ValueError(f"Unknown tables config {name!r}; choose mini, mini_tuned, 760m, 1p3b or "
-                     f"ablation.")
+    raise ValueError(f"Unknown tables config {name!r}; choose mini, mini_tuned, 760m, 1p3b, "
+                     f"ablation or ablation_tuned.")
   return c

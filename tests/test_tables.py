@@ -114,3 +114,17 @@ def test_mini_tuned_reads_each_models_seeds_at_its_best_rate(tmp_path, monkeypat
   table = tables.run(config, str(tmp_path / "out"))
   for label, _ in tables_config.MODELS:
     assert f"| {label} | ours (3 runs) |" in table and "| 9.00 ± 1.00 |" in table
+
+
+def test_the_tuned_ablation_runs_every_row_at_hopes_tuned_rate():
+  from configs import tables as tables_config
+  from configs.sweeps import mini_seeds
+  from experiments import sweep
+  rows = {}
+  for name in ("ablation", "ablation_tuned"):
+    spec = sweep.load_config(tables_config.get_config(name).sweep)
+    rows[name] = {p.axes[sweep.LABEL]: sweep.point_config(spec, p).train.lr
+                  for p in sweep.expand(spec)}
+  assert rows["ablation"].keys() == rows["ablation_tuned"].keys()
+  assert set(rows["ablation"].values()) == {2e-3}
+  assert set(rows["ablation_tuned"].values()) == {mini_seeds.BEST_LR["hope"]}

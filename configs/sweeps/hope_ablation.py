@@ -4,12 +4,21 @@ one mechanism removed per row, on the mini protocol's budget (200 steps × 16 ×
   python main.py --mode=sweep --config=configs/sweeps/hope_ablation.py --workdir=runs/ablation
   python main.py --mode=tables --config=configs/tables.py:ablation --workdir=runs/ablation
 
+`hope_ablation.py:tuned` runs the same rows at HOPE's best rate of the fair mini protocol
+(configs/sweeps/mini_seeds.py's BEST_LR, 16e-3) instead of the preset's 2e-3:
+
+  python main.py --mode=sweep --config=configs/sweeps/hope_ablation.py:tuned \
+      --workdir=runs/ablation_tuned
+  python main.py --mode=tables --config=configs/tables.py:ablation_tuned \
+      --workdir=runs/ablation_tuned
+
 "Full" is the paper's HOPE: every switch on, so beyond configs/hope.py:tiny (whose defaults
 follow SPEC §3) it has the memories' momentum (μ = 0.9) and q from a self-modifying memory.
 The paper's rows "w/o inner projection of k / v" have no switch here: k and v always come
 from their self-modifying memories, so those rows are not run.
 """
 
+from configs.sweeps import mini_seeds
 from experiments import sweep
 
 # "w/o CMS": one MLP of the levels' total width (96 + 96 + 64), trained every step like a
@@ -28,10 +37,13 @@ ROWS = (("HOPE (full)", {}),
         ("w/o inner projection of q", {"model.adaptive_q": False}))
 
 
-def get_config():
+def get_config(rate: str = ""):
+  if rate not in ("", "tuned"):
+    raise ValueError(f"hope_ablation.py:{rate}: the one variant is hope_ablation.py:tuned.")
+  tuned = {"train.lr": mini_seeds.BEST_LR["hope"]} if rate == "tuned" else {}
   return sweep.define(
       base="configs/hope.py:tiny",
       points=[{"label": label, **FULL, **fields} for label, fields in ROWS],
       seeds=[0, 1, 2],
-      fixed={"train.steps": 200},
+      fixed={"train.steps": 200, **tuned},
       metric="eval.json:perplexity")
