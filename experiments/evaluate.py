@@ -64,14 +64,21 @@ def make_streamed_eval_step(exp: state_lib.Experiment):
   its stream chunk (one token for Transformer++), the state carried between them
   (`generate.decoder`) and attention caches holding `train.seq_len` tokens. Up to the
   training length this is the model's ordinary forward; beyond it, attention becomes a
-  sliding window of the training length and the memories keep learning in context."""
-  dec = generate.decoder(exp, exp.config.train.seq_len)
+  sliding window of the training length and the memories keep learning in context. One
+  jitted step per model, length and mesh: evaluating every `eval.every` steps compiles once."""
+  return _streamed_eval_step(exp.graphdef, models.model_config(exp.config.model),
+                             exp.config.train.seq_len, exp.mesh, exp.loss_weights)
+
+
+@functools.lru_cache(maxsize=16)
+def _streamed_eval_step(graphdef, hparams, seq_len: int, mesh: jax.sharding.Mesh, weights):
+  dec = generate.model_decoder(graphdef, hparams, seq_len)
 
   def eval_step(params, batch):
     logits = generate.stream_logits(dec, params, batch[:, :-1], batch[:, -1])
-    return _sums(logits, batch, exp.loss_weights)
+    return _sums(logits, batch, weights)
 
-  return jax.jit(mesh_lib.with_rules(eval_step, exp.mesh))
+  return jax.jit(mesh_lib.with_rules(eval_step, mesh))
 
 
 def eval_lengths(exp: state_lib.Experiment) -> tuple[int, ...]:

@@ -64,10 +64,14 @@ class Decoder:
 def decoder(exp: state_lib.Experiment, max_len: int) -> Decoder:
   """The Experiment's model as a Decoder whose attention caches (if any) hold `max_len`
   tokens (HOPE-Attention: its `attention_window` when set; a multiple of its chunk)."""
-  hparams = models.model_config(exp.config.model)
+  return model_decoder(exp.graphdef, models.model_config(exp.config.model), max_len)
+
+
+def model_decoder(graphdef, hparams, max_len: int) -> Decoder:
+  """`decoder` of a model given by its graph definition and hyper-parameters."""
   chunk = models.stream_chunk(hparams)
   cache_len = getattr(hparams, "attention_window", 0) or -(-max_len // chunk) * chunk
-  init, stream = models.stream_fns(exp.graphdef)
+  init, stream = models.stream_fns(graphdef)
   return Decoder(
       init_state=lambda params, batch: init(ctree.decompress(params), batch, cache_len),
       stream=lambda params, tokens, state, lookahead=None: stream(

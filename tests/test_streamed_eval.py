@@ -63,6 +63,24 @@ def test_eval_lengths_report_each_length_and_the_training_length_matches(cache_d
   assert results["loss_64"] != results["loss"]
 
 
+def test_evaluating_again_reuses_the_compiled_streamed_steps(cache_dir, monkeypatch):
+  """Training evaluates every `eval.every` steps: each length's streamed step is traced once."""
+  config = micro_config(cache_dir, model="titans", **{"eval.lengths": "32,64",
+                                                      "eval.max_batches": 1})
+  traced = []
+  stream_logits = generate.stream_logits
+  monkeypatch.setattr(generate, "stream_logits",
+                      lambda dec, p, tokens, after: traced.append(tokens.shape) or
+                      stream_logits(dec, p, tokens, after))
+  evaluate._streamed_eval_step.cache_clear()
+  exp = state_lib.build(config)
+  params = state_lib.init_state(exp).params
+  first = evaluate.evaluate(exp, params)
+  again = evaluate.evaluate(exp, params)
+  assert [shape[1] for shape in traced] == [32, 64]
+  assert first == again
+
+
 @pytest.mark.parametrize("lengths,message", [
     ("12", r"holds 12: each length must be a positive multiple of the model's chunk_size=8"),
     ("64,x", r"config.eval.lengths='64,x' must be comma-separated token counts")])
