@@ -10,9 +10,9 @@ weights of the in-context CMS levels with their `levels.every` optimizer states.
 chunk: every layer runs on the chunk from the carried state; the chunk's logits give the
 teach signal (the next-token loss within the chunk, SPEC §3) whose gradient with respect
 to the fast CMS weights feeds each in-context level's optimizer, which fires only when the
-tokens seen reach a multiple of the level's period. Each chunk step is `jax.checkpoint`-ed,
-so the outer gradient flows through the writes (BPTT over chunks) at one chunk's activation
-memory; `write_gradient=False` stops it at every write. By default the CMS inner gradient
+tokens seen reach a multiple of the level's period. Each chunk step is `jax.checkpoint`-ed
+(`remat`: what it keeps), so the outer gradient flows through the writes (BPTT over chunks)
+at about one chunk's activation memory; `write_gradient=False` stops it at every write. By default the CMS inner gradient
 itself is treated as data by the outer gradient (first order, `cms_second_order=False`);
 the memories' writes are always differentiated in full.
 
