@@ -11,14 +11,10 @@ The learning-rate schedule stretches over the longer run. The 2000-step point is
 configs/sweeps/mqar.py's at 8 pairs (the same config and seed).
 """
 
-from configs import mqar
 from experiments import sweep
 
 
 def get_config(model: str = "titans"):
-  if model not in mqar.MODELS:
-    raise ValueError(f"Unknown model {model!r} for configs/sweeps/mqar_steps.py; choose one of "
-                     f"{mqar.MODELS}")
   return sweep.define(
       base=f"configs/mqar.py:{model}",
       grid={"train.steps": [6000]},

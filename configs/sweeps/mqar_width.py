@@ -29,9 +29,9 @@ def _point(model: str, factor: int) -> dict:
 
 
 def get_config(model: str = "titans"):
-  if model not in mqar.MODELS:
+  if model not in mqar.OWN:
     raise ValueError(f"Unknown model {model!r} for configs/sweeps/mqar_width.py; choose one of "
-                     f"{mqar.MODELS}")
+                     f"{mqar.MODELS}, e.g. configs/sweeps/mqar_width.py:titans")
   return sweep.define(
       base=f"configs/mqar.py:{model}",
       points=[_point(model, f) for f in FACTORS],
