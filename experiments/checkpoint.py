@@ -11,15 +11,21 @@ computed on the device before the async write, and a digest of the record itself
 verifies both before the state is used; a mismatch is a UserError naming the damaged arrays
 and the newest checkpoint that verifies, never garbage weights. A state with non-finite
 values is never saved, so rotation never deletes a good checkpoint for a bad one.
+
+One writer at a time: `workdir_lock` holds an advisory lock on `<workdir>/.lock` while a run
+trains there, so a second run started into the same workdir stops before it writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -422,6 +428,31 @@ class NonFiniteGuard:
         f"--config.train.lr or clip harder (config.train.clip_norm), or pass "
         f"--config.train.on_nonfinite=skip to drop such steps' updates and go on.",
         step=int(step), loss=float(loss), grad_norm=float(grad_norm))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, *, lead: bool = True) -> Iterator[None]:
+  """Holds `<workdir>/.lock` (an `flock`, released by the OS if the process dies) on the lead
+  process; a second holder is refused with a UserError naming the first."""
+  if not lead:   # the other processes of one distributed run write through the lead's lock
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, ".lock"), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise UserError(f"{workdir} is in use: {holder} is training there. Nothing was written. "
+                      f"Wait for it to finish (or stop it), or pass another --workdir.") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

@@ -259,7 +259,13 @@ def progress_meter(exp: state_lib.Experiment, start: int) -> metrics_lib.Progres
 
 
 def train(exp: state_lib.Experiment, workdir: str) -> TrainState:
-  """Runs the loop from the latest checkpoint (if any) to `config.train.steps`."""
+  """Runs the loop from the latest checkpoint (if any) to `config.train.steps`, the only
+  writer of `workdir` while it does (`checkpoint.workdir_lock`)."""
+  with checkpoint.workdir_lock(workdir, lead=is_lead_process()):
+    return _train(exp, workdir)
+
+
+def _train(exp: state_lib.Experiment, workdir: str) -> TrainState:
   cfg = exp.config.train
   mngr = checkpoint.manager(workdir, keep=cfg.keep_checkpoints, keep_every=cfg.keep_every)
   state = restore_or_init(exp, mngr, workdir)

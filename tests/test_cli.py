@@ -105,13 +105,13 @@ def test_workdir_of_another_model_is_refused_and_untouched(cache_dir, tmp_path):
   workdir = str(tmp_path / "run")
   assert run_main(cli_flags(cache_dir, **{"train.steps": 3})
                   + [f"--workdir={workdir}"]).returncode == 0
-  snapshot = {os.path.join(r, f): open(os.path.join(r, f), "rb").read()
-              for r, _, fs in os.walk(workdir) for f in fs}
+  # Every file but the lock, which names whichever process last held the workdir.
+  files = lambda: {os.path.join(r, f): open(os.path.join(r, f), "rb").read()
+                   for r, _, fs in os.walk(workdir) for f in fs if f != ".lock"}
+  snapshot = files()
   result = run_main(cli_flags(cache_dir, **{"train.steps": 6, "model.n_layers": 3})
                     + [f"--workdir={workdir}"])
   assert result.returncode == 2, result.stderr[-3000:]
   assert "different model" in result.stderr and "n_layers" in result.stderr
   assert "--workdir" in result.stderr
-  after = {os.path.join(r, f): open(os.path.join(r, f), "rb").read()
-           for r, _, fs in os.walk(workdir) for f in fs}
-  assert after == snapshot
+  assert files() == snapshot

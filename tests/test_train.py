@@ -80,6 +80,17 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(cache_dir, tm
   assert before == after
 
 
+def test_a_workdir_in_use_is_refused_before_anything_is_written(cache_dir, tmp_path):
+  """A second run started into a workdir that a first is training in stops at once."""
+  workdir = str(tmp_path)
+  exp = state_lib.build(micro_config(cache_dir, **{"train.steps": 2}))
+  with checkpoint.workdir_lock(workdir):
+    with pytest.raises(UserError, match=rf"is in use: pid {os.getpid()} on .* is training there"):
+      train.train(exp, workdir)
+    assert sorted(os.listdir(workdir)) == [".lock"]
+  assert int(train.train(exp, workdir).step) == 2    # free again once the first is done
+
+
 def test_a_checkpoint_resumes_under_another_remat_but_not_another_model():
   """What the backward pass keeps is how a step computes, not what: a run that ran out of
   memory may continue with `remat` changed; any other model field is another model."""
