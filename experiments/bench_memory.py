@@ -85,8 +85,8 @@ def main(argv):
     f, mesh = measure(config)
     batch_shards = mesh_lib.batch_divisor(mesh)
     t = config.train
-    mesh = " × ".join(f"{k} {n}" for k, n in mesh.shape.items() if n != 1) or "1 device"
-    print(f"| {config.model.name} | {FLAGS.preset} | {mesh} | {t.batch_size} × {t.seq_len} | "
+    axes = " × ".join(f"{k} {n}" for k, n in mesh.shape.items() if n != 1) or "1 device"
+    print(f"| {config.model.name} | {FLAGS.preset} | {axes} | {t.batch_size} × {t.seq_len} | "
           f"{t.grad_accum} | {footprint.gb(f.arguments)} | {footprint.gb(f.temporaries)} | "
           f"{footprint.gb(f.total)} | {fits(f, config, budget, batch_shards)} | "
           f"{f.compile_seconds:.0f} s |", flush=True)

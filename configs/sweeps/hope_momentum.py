@@ -1,6 +1,6 @@
 """The paper's full HOPE (configs/sweeps/hope_ablation.py's first row: memory momentum and an
 adaptive q) at HOPE's tuned rate, 16e-3, against the memories' momentum μ: at μ = 0.9 it
-stays at the unigram level there, at μ = 0 it trains best (README, the ablation table).
+stays at the unigram level there, at μ = 0 it trains (README, the ablation table).
 
   python main.py --mode=sweep --config=configs/sweeps/hope_momentum.py --workdir=runs/hope_momentum
 """
