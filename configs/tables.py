@@ -9,6 +9,7 @@ mini_tuned  the same, each model at its own best learning rate: the points of
 ablation  the arXiv version's ablation table (Table 6) beside the points of
       configs/sweeps/hope_ablation.py, read from the sweep's workdir (`--workdir=runs/ablation`).
 ablation_tuned  the same at HOPE's tuned rate: configs/sweeps/hope_ablation.py:tuned.
+ablation_stable  the same at the tuned rate and μ = 0.5: configs/sweeps/hope_ablation.py:stable.
 """
 
 import ml_collections
@@ -24,8 +25,8 @@ MINI_SEEDS = "configs/sweeps/mini_seeds.py"
 def get_config(name: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.evaluate = True  # run the zero-shot tasks on runs that have not been evaluated yet
-  if name in ("ablation", "ablation_tuned"):
-    c.sweep = "configs/sweeps/hope_ablation.py" + (":tuned" if name == "ablation_tuned" else "")
+  if name in ("ablation", "ablation_tuned", "ablation_stable"):
+    c.sweep = "configs/sweeps/hope_ablation.py" + name.removeprefix("ablation").replace("_", ":")
   elif name == "mini":
     c.size = "760M"
     c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini/{model}_seed{seed}")
@@ -41,5 +42,5 @@ def get_config(name: str = "mini") -> ml_collections.ConfigDict:
               for label, model in MODELS]
   else:
     raise ValueError(f"Unknown tables config {name!r}; choose mini, mini_tuned, 760m, 1p3b, "
-                     f"ablation or ablation_tuned.")
+                     f"ablation, ablation_tuned or ablation_stable.")
   return c

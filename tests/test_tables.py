@@ -116,15 +116,25 @@ def test_mini_tuned_reads_each_models_seeds_at_its_best_rate(tmp_path, monkeypat
     assert f"| {label} | ours (3 runs) |" in table and "| 9.00 ± 1.00 |" in table
 
 
-def test_the_tuned_ablation_runs_every_row_at_hopes_tuned_rate():
+def test_the_tuned_ablations_run_every_row_at_hopes_tuned_rate_and_stable_at_lower_momentum():
   from configs import tables as tables_config
-  from configs.sweeps import mini_seeds
+  from configs.sweeps import hope_ablation, mini_seeds
   from experiments import sweep
   rows = {}
-  for name in ("ablation", "ablation_tuned"):
+  for name in ("ablation", "ablation_tuned", "ablation_stable"):
     spec = sweep.load_config(tables_config.get_config(name).sweep)
-    rows[name] = {p.axes[sweep.LABEL]: sweep.point_config(spec, p).train.lr
-                  for p in sweep.expand(spec)}
-  assert rows["ablation"].keys() == rows["ablation_tuned"].keys()
-  assert set(rows["ablation"].values()) == {2e-3}
-  assert set(rows["ablation_tuned"].values()) == {mini_seeds.BEST_LR["hope"]}
+    rows[name] = {p.axes[sweep.LABEL]: sweep.point_config(spec, p) for p in sweep.expand(spec)}
+  assert rows["ablation"].keys() == rows["ablation_tuned"].keys() == rows["ablation_stable"].keys()
+  rate = {name: {c.train.lr for c in configs.values()} for name, configs in rows.items()}
+  assert rate == {"ablation": {2e-3}, "ablation_tuned": {mini_seeds.BEST_LR["hope"]},
+                  "ablation_stable": {mini_seeds.BEST_LR["hope"]}}
+  momentum = {name: {label: c.model.mem_momentum for label, c in configs.items()}
+              for name, configs in rows.items()}
+  assert momentum["ablation"] == momentum["ablation_tuned"]
+  assert momentum["ablation_stable"] == {
+      label: 0.0 if label == "w/o momentum" else hope_ablation.STABLE_MOMENTUM
+      for label in momentum["ablation"]}
+  # Only the momentum and the rate differ from the paper-rate table.
+  for label, config in rows["ablation_stable"].items():
+    config.train.lr, config.model.mem_momentum = 2e-3, rows["ablation"][label].model.mem_momentum
+    assert config.to_dict() == rows["ablation"][label].to_dict()

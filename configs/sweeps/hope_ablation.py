@@ -12,6 +12,15 @@ one mechanism removed per row, on the mini protocol's budget (200 steps × 16 ×
   python main.py --mode=tables --config=configs/tables.py:ablation_tuned \
       --workdir=runs/ablation_tuned
 
+`hope_ablation.py:stable` runs them at 16e-3 with the memories' momentum at 0.5 instead of
+0.9: at that rate the full model trains only with μ ≤ 0.5 (configs/sweeps/hope_momentum.py),
+so this is the table in which every row but the one it removes can learn:
+
+  python main.py --mode=sweep --config=configs/sweeps/hope_ablation.py:stable \
+      --workdir=runs/ablation_stable
+  python main.py --mode=tables --config=configs/tables.py:ablation_stable \
+      --workdir=runs/ablation_stable
+
 "Full" is the paper's HOPE: every switch on, so beyond configs/hope.py:tiny (whose defaults
 follow SPEC §3) it has the memories' momentum (μ = 0.9) and q from a self-modifying memory.
 The paper's rows "w/o inner projection of k / v" have no switch here: k and v always come
@@ -37,13 +46,20 @@ ROWS = (("HOPE (full)", {}),
         ("w/o inner projection of q", {"model.adaptive_q": False}))
 
 
-def get_config(rate: str = ""):
-  if rate not in ("", "tuned"):
-    raise ValueError(f"hope_ablation.py:{rate}: the one variant is hope_ablation.py:tuned.")
-  tuned = {"train.lr": mini_seeds.BEST_LR["hope"]} if rate == "tuned" else {}
+# The largest momentum the full model trains with at the tuned rate (sweeps/hope_momentum.py).
+STABLE_MOMENTUM = 0.5
+VARIANTS = ("", "tuned", "stable")
+
+
+def get_config(variant: str = ""):
+  if variant not in VARIANTS:
+    raise ValueError(f"hope_ablation.py:{variant}: the variants are hope_ablation.py, "
+                     f"hope_ablation.py:tuned and hope_ablation.py:stable.")
+  tuned = {"train.lr": mini_seeds.BEST_LR["hope"]} if variant else {}
+  full = {**FULL, "model.mem_momentum": STABLE_MOMENTUM} if variant == "stable" else FULL
   return sweep.define(
       base="configs/hope.py:tiny",
-      points=[{"label": label, **FULL, **fields} for label, fields in ROWS],
+      points=[{"label": label, **full, **fields} for label, fields in ROWS],
       seeds=[0, 1, 2],
       fixed={"train.steps": 200, **tuned},
       metric="eval.json:perplexity")
