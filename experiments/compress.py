@@ -34,7 +34,7 @@ from jax import lax
 
 from compression import codecs, jit_encode, tree as ctree
 from experiments import checkpoint, state as state_lib
-from nested import levels as levels_lib
+from nested import fields, levels as levels_lib
 from nested.errors import UserError
 
 CODECS = ("exact", "int4")
@@ -66,12 +66,12 @@ def chosen_levels(config: ml_collections.ConfigDict) -> list[str]:
   levels = _levels(config)
   periods = {level.name: level.period for level in levels}
   if config.compression.levels:
-    names = [n.strip() for n in config.compression.levels.split(",") if n.strip()]
+    names = fields.names(config.compression.levels)
     unknown = [n for n in names if n not in periods]
     if unknown:
       raise UserError(f"config.compression.levels names {unknown}, which are not levels of "
                       f"this config; its levels are {sorted(periods)}.")
-    return names
+    return list(names)
   slowest = max(periods.values())
   if slowest <= 1:
     raise UserError(

@@ -33,14 +33,15 @@ import ml_collections
 from absl import logging
 
 from experiments import checkpoint, evaluate, state as state_lib, train
+from nested import fields
 from nested.errors import UserError
 
 
 def phase_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
   """The train config of each phase: its corpus, and train.steps at the phase's end."""
   c = config.continual
-  phases = [p for p in str(c.phases).replace(" ", "").split(",") if p]
-  steps = [int(s) for s in str(c.steps).replace(" ", "").split(",") if s]
+  phases = fields.names(c.phases)
+  steps = fields.ints(c.steps, field="config.continual.steps", example="150,150")
   if len(phases) < 2 or len(steps) != len(phases) or min(steps) < 1:
     raise UserError(f"config.continual.phases={c.phases!r} and steps={c.steps!r} must name two "
                     f"or more corpora and as many positive step counts, e.g. "

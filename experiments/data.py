@@ -70,6 +70,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from experiments import synthetic
+from nested import fields
 from nested.errors import UserError
 
 DOC_DELIMITER = "<|endoftext|>"
@@ -357,7 +358,7 @@ def _resolve_source(data_cfg) -> _Source:
     raise UserError(f"config.data.plays={genres!r} picks genres of the bundled corpus, but "
                     f"config.data.path={path!r} names another; set one of them.")
   if not path:
-    return _bundled_source(tuple(g for g in genres.replace(" ", "").split(",") if g))
+    return _bundled_source(fields.names(genres))
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path):
     return _dir_source(path, str(data_cfg.get("text_key", "text")))

@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from experiments import checkpoint, compress, data, generate, mesh as mesh_lib, state as state_lib
-from nested import models
+from nested import fields, models
 from nested.errors import UserError
 
 
@@ -84,11 +84,7 @@ def _streamed_eval_step(graphdef, hparams, seq_len: int, mesh: jax.sharding.Mesh
 def eval_lengths(exp: state_lib.Experiment) -> tuple[int, ...]:
   """`config.eval.lengths` as ints, each checked to be a whole number of stream chunks."""
   spec = str(exp.config.eval.get("lengths", "") or "")
-  try:
-    lengths = tuple(int(x) for x in spec.replace(" ", "").split(",") if x)
-  except ValueError:
-    raise UserError(f"config.eval.lengths={spec!r} must be comma-separated token counts, "
-                    f"e.g. '128,256,512'.") from None
+  lengths = fields.ints(spec, field="config.eval.lengths", example="128,256,512")
   chunk = models.stream_chunk(models.model_config(exp.config.model))
   for length in lengths:
     if length < 1 or length % chunk:

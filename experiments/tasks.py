@@ -50,6 +50,7 @@ import re
 import sys
 from typing import Callable, Iterable, Iterator
 
+from nested import fields
 from nested.errors import UserError
 
 # ----------------------------------------------------------------------------- registry
@@ -250,14 +251,14 @@ def missing_message(name: str, data_dir: str) -> str:
 
 def parse_tasks(spec: str) -> list[str]:
   """`config.zeroshot.tasks`: a comma list of task names; '' or 'all' = every task."""
-  names = [n.strip() for n in str(spec or "").split(",") if n.strip()]
-  if not names or names == ["all"]:
+  names = fields.names(spec)
+  if not names or names == ("all",):
     return list(TASKS)
   unknown = [n for n in names if n not in TASKS]
   if unknown:
     raise UserError(f"Unknown zero-shot task(s) {unknown} in --config.zeroshot.tasks. Known "
                     f"tasks: {','.join(TASKS)} (or leave it empty for all of them).")
-  return names
+  return list(names)
 
 
 def _read_records(path: str) -> Iterator[tuple[int, dict]]:

@@ -83,7 +83,7 @@ def test_evaluating_again_reuses_the_compiled_streamed_steps(cache_dir, monkeypa
 
 @pytest.mark.parametrize("lengths,message", [
     ("12", r"holds 12: each length must be a positive multiple of the model's chunk_size=8"),
-    ("64,x", r"config.eval.lengths='64,x' must be comma-separated token counts")])
+    ("64,x", r"config.eval.lengths='64,x' must be comma-separated whole numbers")])
 def test_bad_eval_lengths_name_the_field(cache_dir, lengths, message):
   exp = state_lib.build(micro_config(cache_dir, model="titans", **{"eval.lengths": lengths}))
   with pytest.raises(UserError, match=message):

@@ -11,6 +11,7 @@ The width-64 point is configs/sweeps/mqar.py's at 8 pairs (the same config and s
 
 from experiments import sweep
 from configs import mqar
+from nested import fields
 
 # The fields of configs/mqar.py's per-model sizes that scale with the width.
 WIDE = ("d_ff", "mem_hidden", "gen_hidden", "cms_hidden")
@@ -19,7 +20,7 @@ FACTORS = (2, 4)
 
 def _scaled(value, factor: int):
   if isinstance(value, str):  # a per-level list, "48,48,32"
-    return ",".join(str(int(v) * factor) for v in value.split(","))
+    return ",".join(str(v * factor) for v in fields.ints(value, field="width", example="48,32"))
   return value * factor
 
 

@@ -33,21 +33,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from nested import cms, layers, memory, selfmod
+from nested import cms, fields, layers, memory, selfmod
 from nested.layers import embed, readout
 from nested.errors import UserError
 
 _MIXERS = ("selfmod", "attention")
 _OBJECTIVES = ("teach", "local_l2")
-
-
-def _int_tuple(value) -> tuple:
-  """"16,64,8192" or a sequence → (16, 64, 8192). Config files use the string form: it
-  survives the JSON round trip of a checkpoint's model record unchanged (a tuple would
-  come back as a list)."""
-  if isinstance(value, str):
-    return tuple(int(v) for v in value.replace(" ", "").split(",") if v)
-  return tuple(int(v) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +79,9 @@ class HopeConfig:
   dtype: str = "float32"         # compute dtype of projections and CMS; memories run in fp32
 
   def __post_init__(self):
-    object.__setattr__(self, "cms_hidden", _int_tuple(self.cms_hidden))
-    object.__setattr__(self, "cms_periods", _int_tuple(self.cms_periods))
+    for name, example in (("cms_hidden", "256,128"), ("cms_periods", "16,64,8192")):
+      object.__setattr__(self, name, fields.ints(getattr(self, name), field=f"model.{name}",
+                                                 example=example))
     for name, value, allowed in (("mixer", self.mixer, _MIXERS),
                                  ("cms_objective", self.cms_objective, _OBJECTIVES),
                                  ("conv", self.conv, selfmod.CONV_PLACEMENTS),
