@@ -88,3 +88,13 @@ def test_a_transformer_train_step_counts_what_the_palm_closed_form_gives(cache_d
   assert counted["step"] == counted["per_token"] * config.train.batch_size * config.train.seq_len
   accumulated = flops.train_step(micro_config(cache_dir, **{"train.grad_accum": 2}))
   np.testing.assert_allclose(accumulated["per_token"], counted["per_token"], rtol=0.01)
+
+
+def test_the_product_benchmark_states_the_flops_each_product_does():
+  """experiments/bench_products.py reports GFLOP/s from the FLOPs it states for each product;
+  the counter must agree, but for the write's scale and add of W (2 |W|), which it leaves out."""
+  from experiments import bench_products
+  for name, product, x_shape, w_shape, stated, _ in bench_products.CASES:
+    x, w = (jax.ShapeDtypeStruct(s, "float32") for s in (x_shape, w_shape))
+    elementwise = 2 * np.prod(w_shape) if product is bench_products._write else 0
+    assert flops.count(product, x, w) == stated + elementwise, name
