@@ -28,6 +28,7 @@ import ml_collections
 
 from configs import hope, transformer
 from configs.sweeps import mini_seeds
+from nested import fields
 
 VARIANTS = ("transformer", "hope", "hope_cms_lr0", "hope_slow")
 PROTOCOLS = ("", "tuned", "reference")
@@ -45,7 +46,9 @@ def get_config(arg: str = "hope") -> ml_collections.ConfigDict:
     c.model.cms_lr = 0.0
   if variant == "hope_slow":
     slow = 4 * c.levels.cms_slow.period
-    c.model.cms_periods = ",".join(c.model.cms_periods.split(",")[:-1] + [str(slow)])
+    periods = fields.ints(c.model.cms_periods, field="config.model.cms_periods",
+                          example="16,64,2048")
+    c.model.cms_periods = ",".join(str(p) for p in periods[:-1] + (slow,))
     c.levels.cms_slow.period = slow
   c.train.update(dict(min_lr_ratio=1.0, warmup_steps=20, log_every=25))
   c.eval.update(dict(max_batches=8))

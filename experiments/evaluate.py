@@ -83,8 +83,8 @@ def _streamed_eval_step(graphdef, hparams, seq_len: int, mesh: jax.sharding.Mesh
 
 def eval_lengths(exp: state_lib.Experiment) -> tuple[int, ...]:
   """`config.eval.lengths` as ints, each checked to be a whole number of stream chunks."""
-  spec = str(exp.config.eval.get("lengths", "") or "")
-  lengths = fields.ints(spec, field="config.eval.lengths", example="128,256,512")
+  lengths = fields.ints(exp.config.eval.get("lengths"), field="config.eval.lengths",
+                       example="128,256,512")
   chunk = models.stream_chunk(models.model_config(exp.config.model))
   for length in lengths:
     if length < 1 or length % chunk:

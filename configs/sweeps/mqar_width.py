@@ -18,14 +18,15 @@ WIDE = ("d_ff", "mem_hidden", "gen_hidden", "cms_hidden")
 FACTORS = (2, 4)
 
 
-def _scaled(value, factor: int):
+def _scaled(name: str, value, factor: int):
   if isinstance(value, str):  # a per-level list, "48,48,32"
-    return ",".join(str(v * factor) for v in fields.ints(value, field="width", example="48,32"))
+    widths = fields.ints(value, field=f"config.model.{name}", example="48,48,32")
+    return ",".join(str(v * factor) for v in widths)
   return value * factor
 
 
 def _point(model: str, factor: int) -> dict:
-  own = {f"model.{k}": _scaled(v, factor) for k, v in mqar.OWN[model].items() if k in WIDE}
+  own = {f"model.{k}": _scaled(k, v, factor) for k, v in mqar.OWN[model].items() if k in WIDE}
   return {"model.d_model": mqar.WIDTH["d_model"] * factor, **own}
 
 

@@ -80,7 +80,7 @@ class HopeConfig:
 
   def __post_init__(self):
     for name, example in (("cms_hidden", "256,128"), ("cms_periods", "16,64,8192")):
-      object.__setattr__(self, name, fields.ints(getattr(self, name), field=f"model.{name}",
+      object.__setattr__(self, name, fields.ints(getattr(self, name), field=f"config.model.{name}",
                                                  example=example))
     for name, value, allowed in (("mixer", self.mixer, _MIXERS),
                                  ("cms_objective", self.cms_objective, _OBJECTIVES),
