@@ -20,13 +20,16 @@ MODELS = (("Transformer++", "transformer"), ("Titans (LMM)", "titans"), ("HOPE",
           ("HOPE-Attention", "hope_attention"))
 SEEDS = (0, 1, 2)
 MINI_SEEDS = "configs/sweeps/mini_seeds.py"
+ABLATIONS = {"ablation": "configs/sweeps/hope_ablation.py",
+             "ablation_tuned": "configs/sweeps/hope_ablation.py:tuned",
+             "ablation_stable": "configs/sweeps/hope_ablation.py:stable"}
 
 
 def get_config(name: str = "mini") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.evaluate = True  # run the zero-shot tasks on runs that have not been evaluated yet
-  if name in ("ablation", "ablation_tuned", "ablation_stable"):
-    c.sweep = "configs/sweeps/hope_ablation.py" + name.removeprefix("ablation").replace("_", ":")
+  if name in ABLATIONS:
+    c.sweep = ABLATIONS[name]
   elif name == "mini":
     c.size = "760M"
     c.runs = [(label, f"configs/{model}.py:tiny", f"runs/mini/{model}_seed{seed}")

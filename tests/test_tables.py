@@ -136,5 +136,6 @@ def test_the_tuned_ablations_run_every_row_at_hopes_tuned_rate_and_stable_at_low
       for label in momentum["ablation"]}
   # Only the momentum and the rate differ from the paper-rate table.
   for label, config in rows["ablation_stable"].items():
-    config.train.lr, config.model.mem_momentum = 2e-3, rows["ablation"][label].model.mem_momentum
-    assert config.to_dict() == rows["ablation"][label].to_dict()
+    paper_rate = rows["ablation"][label]
+    config.train.lr, config.model.mem_momentum = paper_rate.train.lr, paper_rate.model.mem_momentum
+    assert config.to_dict() == paper_rate.to_dict()

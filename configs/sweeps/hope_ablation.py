@@ -13,8 +13,8 @@ one mechanism removed per row, on the mini protocol's budget (200 steps × 16 ×
       --workdir=runs/ablation_tuned
 
 `hope_ablation.py:stable` runs them at 16e-3 with the memories' momentum at 0.5 instead of
-0.9: at that rate the full model trains only with μ ≤ 0.5 (configs/sweeps/hope_momentum.py),
-so this is the table in which every row but the one it removes can learn:
+0.9: of the momenta tried at that rate (configs/sweeps/hope_momentum.py) 0.5 is the largest
+with which the full model trains, so each row removes one mechanism from a model that learns:
 
   python main.py --mode=sweep --config=configs/sweeps/hope_ablation.py:stable \
       --workdir=runs/ablation_stable
@@ -46,7 +46,8 @@ ROWS = (("HOPE (full)", {}),
         ("w/o inner projection of q", {"model.adaptive_q": False}))
 
 
-# The largest momentum the full model trains with at the tuned rate (sweeps/hope_momentum.py).
+# The largest momentum tried with which the full model trains at the tuned rate
+# (configs/sweeps/hope_momentum.py: 0.5 trains, 0.7 does not).
 STABLE_MOMENTUM = 0.5
 VARIANTS = ("", "tuned", "stable")
 
