@@ -94,7 +94,8 @@ def test_the_product_benchmark_states_the_flops_each_product_does():
   """experiments/bench_products.py reports GFLOP/s from the FLOPs it states for each product;
   the counter must agree, but for the write's scale and add of W (2 |W|), which it leaves out."""
   from experiments import bench_products
-  for name, product, x_shape, w_shape, stated, _ in bench_products.CASES:
-    x, w = (jax.ShapeDtypeStruct(s, "float32") for s in (x_shape, w_shape))
-    elementwise = 2 * np.prod(w_shape) if product is bench_products._write else 0
-    assert flops.count(product, x, w) == stated + elementwise, name
+  for case in bench_products.cases():
+    x = jax.ShapeDtypeStruct(case.x, "float32")
+    w = tuple(jax.ShapeDtypeStruct(s, "float32") for s in case.w)
+    elementwise = 2 * np.prod(case.w[0]) if case.product is bench_products.write else 0
+    assert flops.count(case.product, x, w) == case.flops + elementwise, case.name
