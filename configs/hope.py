@@ -87,5 +87,6 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown preset {preset!r} for configs/hope.py; choose one of "
                      f"{sorted(PRESETS)}, e.g. configs/hope.py:tiny")
   fields = dict(PRESETS[preset], dgd=True, weight_decay=True, adaptive_q=False, mem_momentum=0.0,
-                eta_max=1.0, inner_clip=1.0, conv="after", conv_width=4, rope_theta=10_000.0)
+                eta_max=1.0, eta_init=0.018, inner_clip=1.0, conv="after", conv_width=4,
+                rope_theta=10_000.0)
   return hope_config(preset, name="hope", mixer_fields=fields)

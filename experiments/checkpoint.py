@@ -61,11 +61,15 @@ def model_record(model_cfg: ml_collections.ConfigDict, abstract_params) -> dict[
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
   """Raises a UserError naming the differences if `saved` came from another model (the
-  models' execution fields, such as `remat`, may differ)."""
-  diffs = [f"model.{k}: checkpoint {saved['model'].get(k)!r}, config {current['model'].get(k)!r}"
-           for k in sorted(set(saved["model"]) | set(current["model"]))
+  models' execution fields, such as `remat`, may differ, and a field one record lacks is
+  at the model's default there: a checkpoint from before a field existed resumes at it)."""
+  saved_model, current_model = saved["model"], current["model"]
+  defaults = models.field_defaults(current_model.get("name"))
+  value = lambda record, k: record.get(k, defaults.get(k))
+  diffs = [f"model.{k}: checkpoint {value(saved_model, k)!r}, config {value(current_model, k)!r}"
+           for k in sorted(set(saved_model) | set(current_model))
            if k not in models.EXECUTION_FIELDS
-           and saved["model"].get(k) != current["model"].get(k)]
+           and value(saved_model, k) != value(current_model, k)]
   if not diffs and saved["param_shapes"] != current["param_shapes"]:
     diffs = ["parameter shapes differ (same hyper-parameters, different code version?)"]
   if diffs:

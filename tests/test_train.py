@@ -99,6 +99,11 @@ def test_a_checkpoint_resumes_under_another_remat_but_not_another_model():
   checkpoint.check_compatible(record(), record(remat="nested", scan_unroll=2), "wd")
   with pytest.raises(UserError, match=r"model.cms_lr: checkpoint 0.01, config 0.0"):
     checkpoint.check_compatible(record(), record(remat="nested", cms_lr=0.0), "wd")
+  # A field the checkpoint's record lacks (it was written before the config had it) is at
+  # the model's default there: the config may name that default, and only that.
+  checkpoint.check_compatible(record(), record(eta_init=0.018), "wd")
+  with pytest.raises(UserError, match=r"model.eta_init: checkpoint 0.018, config 0.2"):
+    checkpoint.check_compatible(record(), record(eta_init=0.2), "wd")
 
 
 def test_batch_size_not_divisible_by_accumulation_is_a_user_error(cache_dir):

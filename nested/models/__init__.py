@@ -31,6 +31,16 @@ MODELS: dict[str, tuple[type, type[nnx.Module]]] = {
 EXECUTION_FIELDS = frozenset({"remat", "scan_unroll"})
 
 
+def field_defaults(name: str) -> dict[str, Any]:
+  """The defaults of model `name`'s hyper-parameters: what a config that leaves a field out
+  (one written before the field existed) runs with. {} for an unknown name."""
+  cls = MODELS.get(name, (None,))[0]
+  if cls is None:
+    return {}
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.default is not dataclasses.MISSING}
+
+
 def model_config(model_cfg: ml_collections.ConfigDict):
   """`config.model` → the model's frozen hyper-parameter dataclass."""
   fields = dict(model_cfg)
