@@ -34,10 +34,9 @@ EXECUTION_FIELDS = frozenset({"remat", "scan_unroll"})
 def field_defaults(name: str) -> dict[str, Any]:
   """The defaults of model `name`'s hyper-parameters: what a config that leaves a field out
   (one written before the field existed) runs with. {} for an unknown name."""
-  cls = MODELS.get(name, (None,))[0]
-  if cls is None:
+  if name not in MODELS:
     return {}
-  return {f.name: f.default for f in dataclasses.fields(cls)
+  return {f.name: f.default for f in dataclasses.fields(MODELS[name][0])
           if f.default is not dataclasses.MISSING}
 
 
