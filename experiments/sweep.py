@@ -274,16 +274,20 @@ def check_workdir_matches(point_dir: str, config: ml_collections.ConfigDict,
                           base: ml_collections.ConfigDict) -> None:
   """A point workdir left by a different config would be skipped with stale results or
   resumed into a mix: refuse it. More steps than before is fine (training resumes), and so is
-  a field the record lacks that the point leaves at the base config's value: a field added to
-  the code after the point ran, whose default keeps the behaviour it ran with. The models'
-  execution fields (`remat`, ...) may differ: they change how a point computes, not what."""
+  a field the record lacks (added to the code after the point ran) that the point sets to
+  what the run had: a model field at the model's dataclass default (the rule a checkpoint
+  resumes by, `checkpoint.check_compatible`), any other at the base config's value. The
+  models' execution fields (`remat`, ...) may differ: they change how a point computes, not
+  what."""
   path = os.path.join(point_dir, "config.json")
   if not os.path.exists(path):
     return
   recorded = leaf_paths(ml_collections.ConfigDict(read_json(path)))
   wanted = leaf_paths(ml_collections.ConfigDict(json_view(config)))
-  default = leaf_paths(ml_collections.ConfigDict(json_view(base)))
-  added = [k for k in wanted if k not in recorded and wanted[k] == default.get(k, _MISSING)]
+  ran_with = leaf_paths(ml_collections.ConfigDict(json_view(base)))
+  ran_with.update({f"model.{k}": v for k, v in
+                   models.field_defaults(wanted.get("model.name")).items()})
+  added = [k for k in wanted if k not in recorded and wanted[k] == ran_with.get(k, _MISSING)]
   execution = {f"model.{k}" for k in models.EXECUTION_FIELDS}
   differ = [k for k in sorted(set(recorded) | set(wanted))
             if k not in added and k not in execution

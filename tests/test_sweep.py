@@ -182,6 +182,13 @@ def test_a_recorded_point_must_match_but_for_new_fields_at_their_default_and_how
     check(recorded(**{"model.retired": True}))
   with pytest.raises(UserError, match=r"train.steps"):
     check(recorded(**{"train.steps": point.train.steps + 1}))
+  # A model field the record lacks ran at the model's default (False), whatever the base
+  # config says now: a base that ties the embeddings does not match that run.
+  tied_base, tied_point = (sweep.override(c, {"model.tie_embeddings": True}, where="test",
+                                          base=SLOW_MLP) for c in (base, point))
+  with pytest.raises(UserError, match=r"model.tie_embeddings \(absent there, True now\)"):
+    sweep.check_workdir_matches(recorded(**{"model.tie_embeddings": None}), tied_point,
+                                tied_base)
 
 
 # ------------------------------------------------------------------ end to end, in subprocesses
