@@ -169,7 +169,7 @@ def test_a_recorded_point_must_match_but_for_new_fields_at_their_default_and_how
   check = lambda point_dir: sweep.check_workdir_matches(point_dir, point, base)
   check(recorded())
   check(recorded(**{"train.steps": point.train.steps - 1}))        # training resumes
-  check(recorded(**{"model.rope_theta": None}))  # a field added since, the base's value
+  check(recorded(**{"model.rope_theta": None}))  # a field added since, at its default
   check(recorded(**{"model.remat": "none"}))     # how a point computes, not what
   with pytest.raises(UserError, match=r"a different config: levels.slow.period \(256 there, "
                                       r"512 now\)"):

@@ -1,7 +1,8 @@
 """MQAR at 8 key-value pairs against HOPE's initial write strength: `model.eta_init` is η_t at
-initialisation (η_t = eta_max · sigmoid(·), eta_max 1; 0.018 in configs/hope.py). With unit-norm
-keys an erase-and-write of strength η stores a pair in one sight only as η approaches 1; at
-0.018 each write moves a memory 2% of the way, and η must be learnt up through the bias.
+initialisation (η_t = eta_max · sigmoid(M_η(x̄) + bias), eta_max 1; 0.018 in configs/hope.py). In
+a linear memory with unit-norm keys a delta-rule write of strength η stores a pair in one sight
+only as η approaches 1; HOPE's memories are residual MLPs (the share of the error one write
+removes is not η itself), but at 0.018 their writes start weak, and must be learnt stronger.
 
   python main.py --mode=sweep --config=configs/sweeps/mqar_eta.py --workdir=runs/mqar_eta
 
