@@ -7,7 +7,7 @@ One step (after a warm-up step) is traced with `jax.profiler`; every op the runt
 attributed, through the compiled HLO, to the computation it runs in (the entry computation, or
 the body of one loop, named by the loop's source op, e.g. `jvp()/while` for a scan's forward and
 `transpose(jvp())/while` for its backward) and to a kind: products (dots and the fusions that
-hold them), copies, broadcasts (the zero-filling of stacked buffers), or the other ops. Times
+hold one), copies, broadcasts (the zero-filling of stacked buffers), or the other ops. Times
 are summed per op, so they add up the work of both threads, not the wall time.
 """
 
@@ -27,18 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-PRODUCTS = ("dot", "dot_general", "ynn_fusion", "convolution")
 KINDS = ("products", "copies", "broadcasts", "other")
+_PRODUCT_OPS = ("dot", "convolution")
 
 
-def kind(op: str) -> str:
-  """The kind of an executed HLO op, from its name (`copy_bitcast_fusion.12` → copies)."""
+def kind(op: str, products: set[str] = frozenset()) -> str:
+  """The kind of an executed HLO op: a product if it is in `products` (the dots and the
+  fusions holding one, `ops`), else by its name (`copy_bitcast_fusion.12` → copies)."""
   base = re.sub(r"\.\d+$", "", op)
-  if base in PRODUCTS:
+  if op in products:
     return "products"
   if "copy" in base:
     return "copies"
-  if base == "wrapped_broadcast" or base == "broadcast":
+  if base in ("wrapped_broadcast", "broadcast"):
     return "broadcasts"
   return "other"
 
@@ -48,11 +49,13 @@ def module_name(hlo: str) -> str:
   return re.match(r"HloModule ([\w.\-]+)", hlo).group(1)
 
 
-def computations(hlo: str) -> dict[str, str]:
-  """Each instruction of compiled HLO text → a label of the computation it runs in: "entry",
+def ops(hlo: str) -> tuple[dict[str, str], set[str]]:
+  """Of compiled HLO text: each instruction → a label of the computation it runs in ("entry",
   "<source op of the loop> body" for a loop body, "<source op> branch i" for a branch of a
-  conditional, else the computation's own name."""
-  owner, labels, comp = {}, {}, None
+  conditional, else the computation's own name); and the instructions that are products (a dot,
+  or a fusion whose computation holds one: XLA:CPU's XNNPACK fusions also hold elementwise
+  work and reductions alone)."""
+  owner, labels, calls, with_product, direct, comp = {}, {}, {}, set(), set(), None
   for line in hlo.splitlines():
     header = re.match(r"^(ENTRY )?%?([\w.\-]+) ", line)
     if header and not line.startswith(" "):
@@ -61,29 +64,39 @@ def computations(hlo: str) -> dict[str, str]:
         labels[comp] = "entry"
       continue
     instruction = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = ", line)
-    if instruction and comp:
-      owner[instruction.group(1)] = comp
-    body = re.search(r"\bbody=%?([\w.\-]+)", line) if " while(" in line else None
+    # The opcode is the first word before "(" after the shape (which may be a tuple's).
+    opcode = re.search(r"\s([a-z][\w\-]*)\(", line[instruction.end() - 1:]) if instruction else None
+    if not (opcode and comp):
+      continue
+    name, opcode = instruction.group(1), opcode.group(1)
+    owner[name] = comp
+    if opcode in _PRODUCT_OPS:
+      with_product.add(comp)
+      direct.add(name)
+    called = re.search(r"\bcalls=%?([\w.\-]+)", line)
+    if opcode == "fusion" and called:
+      calls[name] = called.group(1)
+    body = re.search(r"\bbody=%?([\w.\-]+)", line) if opcode == "while" else None
     branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-    for called, role in ([(body.group(1), "body")] if body else []) + [
+    for sub, role in ([(body.group(1), "body")] if body else []) + [
         (b.strip().lstrip("%"), f"branch {i}")
         for i, b in enumerate(branches.group(1).split(",") if branches else [])]:
       source = re.search(r'op_name="([^"]*)"', line)
-      name = source.group(1) if source else instruction.group(1)
-      labels[called] = f"{re.sub(r'^jit[(][^)]*[)]/', '', name)} {role}"
-  return {op: labels.get(c, c) for op, c in owner.items()}
+      labels[sub] = f"{re.sub(r'^jit[(][^)]*[)]/', '', source.group(1) if source else name)} {role}"
+  products = direct | {op for op, c in calls.items() if c in with_product}
+  return {op: labels.get(c, c) for op, c in owner.items()}, products
 
 
 def attribute(events: list[dict], hlo: str) -> dict[tuple[str, str], list]:
   """(computation label, kind) → [ops executed, milliseconds] over the trace's events of the
   ops of compiled HLO text `hlo`."""
-  where, module = computations(hlo), module_name(hlo)
+  (where, products), module = ops(hlo), module_name(hlo)
   table = collections.defaultdict(lambda: [0, 0.0])
   for event in events:
     args = event.get("args", {})
     op = args.get("hlo_op", "")
     if event.get("ph") == "X" and args.get("hlo_module") == module and op in where:
-      row = table[(where[op], kind(op))]
+      row = table[(where[op], kind(op, products))]
       row[0] += 1
       row[1] += event.get("dur", 0) / 1e3
   return dict(table)

@@ -21,10 +21,12 @@ def _table(fn, *args):
   return bench_ops.attribute(bench_ops.traced_events(compiled, *args), compiled.as_text())
 
 
-def test_kinds_by_op_name():
-  assert [bench_ops.kind(op) for op in ("dot.3", "ynn_fusion", "copy_bitcast_fusion.12",
-                                        "wrapped_broadcast.69", "multiply_add_fusion")] == [
-      "products", "products", "copies", "broadcasts", "other"]
+def test_kinds_by_op_name_and_products_by_what_they_hold():
+  names = ("dot.3", "ynn_fusion", "ynn_fusion.2", "copy_bitcast_fusion.12", "wrapped_broadcast.69",
+           "multiply_add_fusion")
+  products = {"dot.3", "ynn_fusion"}    # ynn_fusion.2 holds no dot (a reduction, say)
+  assert [bench_ops.kind(op, products) for op in names] == [
+      "products", "products", "other", "copies", "broadcasts", "other"]
 
 
 def test_products_are_counted_per_executed_iteration_and_placed_in_their_loop():
