@@ -26,7 +26,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from compression import tree as ctree  # noqa: E402
-from experiments import compress, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+from experiments import compress, state as state_lib, train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/hope.py:tiny", "Config to measure.",
                                 lock_config=False)
@@ -49,7 +49,7 @@ def seconds_per_step(exp, on_device, steps: int) -> float:
   if on_device is not None:
     state = train.compress_state(exp, on_device, state)
   step = train.jit_train_step(exp, on_device)
-  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh) for s in range(steps + 1)]
+  batches = train.device_batches(exp, steps + 1)
   state, metrics = step(state, batches[0])
   jax.block_until_ready(metrics)
   start = time.perf_counter()

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import evaluate, mesh as mesh_lib, state as state_lib, timing, train  # noqa: E402
+from experiments import evaluate, state as state_lib, timing, train  # noqa: E402
 from nested import models  # noqa: E402
 
 flags.DEFINE_string("preset", "tiny", "Preset of every config file.")
@@ -70,7 +70,7 @@ def time_config(config) -> dict:
   state = state_lib.init_state(exp)
   step_fn = train.jit_train_step(exp)
   n = FLAGS.warmup + FLAGS.steps
-  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh) for s in range(n)]
+  batches = train.device_batches(exp, n)
   flops = timing.compiled_flops(step_fn.lower(state, batches[0]).compile())
   forward = jax.jit(lambda p, b: evaluate.token_nll(exp.apply(p, b[:, :-1]), b[:, 1:]).mean())
   params = state.params

@@ -172,12 +172,12 @@ def markdown(table: dict[tuple[str, str], list], smallest: float = 0.01) -> str:
 
 def main(argv):
   del argv
-  from experiments import mesh as mesh_lib, state as state_lib, train
+  from experiments import state as state_lib, train
 
   config = flags.FLAGS.config
   exp = state_lib.build(config)
   state = state_lib.init_state(exp)
-  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh) for s in range(3)]
+  batches = train.device_batches(exp, 3)
   compiled = train.jit_train_step(exp).lower(state, batches[0]).compile()
   state, _ = compiled(state, batches[0])
   jax.block_until_ready(state)

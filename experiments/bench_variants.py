@@ -21,7 +21,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import flops, mesh as mesh_lib, state as state_lib, train  # noqa: E402
+from experiments import flops, state as state_lib, train  # noqa: E402
 from experiments.sweep import load_config, override, parse_assignments  # noqa: E402
 from nested.errors import UserError  # noqa: E402
 
@@ -38,8 +38,7 @@ def compiled_step(config):
   """(the compiled train step, its state after one step, batches, compile seconds, FLOPs)."""
   exp = state_lib.build(config)
   state = state_lib.init_state(exp)
-  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh)
-             for s in range(FLAGS.steps + 1)]
+  batches = train.device_batches(exp, FLAGS.steps + 1)
   step_fn = train.jit_train_step(exp)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batches[0]).compile()

@@ -208,14 +208,13 @@ def train_throughput(config, steps: int, warmup: int) -> dict[str, Any]:
   """Mean seconds of `steps` real train steps after `warmup` untimed ones, with the step's
   FLOPs (counted through its loops, and XLA's count, loop bodies once), planned bytes and the
   device's peak bytes in use after it."""
-  from experiments import flops, mesh as mesh_lib, state as state_lib, train
+  from experiments import flops, state as state_lib, train
   from nested import models
 
   exp = state_lib.build(config)
   state = state_lib.init_state(exp)
   step_fn = train.jit_train_step(exp)
-  batches = [mesh_lib.put_batch(train.host_batch(exp, s), exp.mesh)
-             for s in range(warmup + steps)]
+  batches = train.device_batches(exp, warmup + steps)
   # The compiled executable runs the steps: jit's own cache would compile the step again.
   compiled = step_fn.lower(state, batches[0]).compile()
   for b in batches[:warmup]:

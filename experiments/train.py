@@ -175,6 +175,12 @@ def host_batch(exp: state_lib.Experiment, step: int):
                           process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def device_batches(exp: state_lib.Experiment, count: int) -> list:
+  """The batches of steps 0 .. count − 1, each placed on the experiment's mesh (for benchmarks
+  that time a compiled step on real data)."""
+  return [mesh_lib.put_batch(host_batch(exp, step), exp.mesh) for step in range(count)]
+
+
 class _SigtermFlag:
   """Turns SIGTERM into a flag the loop checks between steps (preemption → save, exit)."""
 
